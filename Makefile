@@ -1,0 +1,56 @@
+# Saga Admin: `make run` starts the dashboard, `make test` runs every check.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+export DJANGO_SETTINGS_MODULE ?= sagaadmin.settings.base
+
+# The first interpreter that is Python 3.12 or newer: on PATH, then pyenv's.
+PYTHON ?= $(shell for c in python3.13 python3.12 python3 \
+	$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -Vr) \
+	/usr/bin/python3.13 /usr/bin/python3.12; do \
+	command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
+	&& { command -v $$c; break; }; done)
+
+.PHONY: run test lint typecheck venv migrate bench-ingest clean help
+
+help:
+	@echo "make run    - set up .venv, migrate, start the dashboard on http://$(HOST):$(PORT)"
+	@echo "make test   - ruff, migrations check, mypy and the whole pytest suite"
+	@echo "make bench-ingest - ingest throughput against raw PostgreSQL"
+
+$(VENV)/.installed: pyproject.toml
+	@if [ -z "$(PYTHON)" ]; then echo "Python 3.12+ not found: install it or set PYTHON=/path/to/python3.12"; exit 1; fi
+	@echo "Using $(PYTHON) ($$($(PYTHON) --version))"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+migrate: venv
+	$(PY) manage.py migrate --noinput
+
+run: migrate
+	@$(PY) manage.py ensure_admin
+	@echo "Dashboard: http://$(HOST):$(PORT)/   API docs: http://$(HOST):$(PORT)/api/v1/docs"
+	$(VENV)/bin/uvicorn sagaadmin.asgi:application --host $(HOST) --port $(PORT) --no-access-log
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy sagaadmin tracking
+
+test: lint typecheck
+	DJANGO_SETTINGS_MODULE=sagaadmin.settings.test $(PY) manage.py makemigrations --check --dry-run
+	$(VENV)/bin/pytest
+
+bench-ingest: venv
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,33 @@
+"""ASGI entry point: HTTP (Django) and websockets (Channels), behind a body-size guard."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaadmin.settings.base")
+
+from channels.auth import AuthMiddlewareStack
+from channels.routing import ProtocolTypeRouter, URLRouter
+from channels.security.websocket import AllowedHostsOriginValidator
+from django.core.asgi import get_asgi_application
+
+django_app = get_asgi_application()
+
+from django.conf import settings  # noqa: E402
+
+from sagaadmin.bodylimit import BodyLimitMiddleware  # noqa: E402
+
+websocket_urlpatterns: list = []  # the dashboard's live-update consumers join here
+
+application = BodyLimitMiddleware(
+    ProtocolTypeRouter(
+        {
+            "http": django_app,
+            "websocket": AllowedHostsOriginValidator(
+                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+            ),
+        }
+    ),
+    limit=settings.SAGAADMIN["INGEST_MAX_BODY_BYTES"],
+    prefixes=("/api/",),
+)

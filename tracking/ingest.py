@@ -1,0 +1,272 @@
+"""Telemetry ingest: validate, deduplicate, append to the event store, project.
+
+:func:`events_ingest` is the one entry point. The REST endpoint calls it, and so
+(in-process, in its own transaction) does the orchestrator: every saga looks
+the same whichever way it was reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from django.conf import settings
+from django.db import connection, transaction
+
+from tracking.models import Saga, Service, TelemetryEvent
+from tracking.projection import FoldEvent
+from tracking.protocol import (
+    EventRejected,
+    EventV1,
+    FieldError,
+    clean_payload,
+    content_hash,
+    decode_event,
+)
+from tracking.read_model import read_model_refold, stored_events_get
+
+ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class EventResult:
+    index: int
+    id: str | None
+    status: str
+    errors: tuple[FieldError, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"index": self.index, "id": self.id, "status": self.status}
+        if self.errors:
+            out["errors"] = [{"field": e.field, "message": e.message} for e in self.errors]
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    results: list[EventResult]
+    sagas_changed: list[str] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.results if r.status == status)
+
+
+@dataclass(slots=True)
+class _Valid:
+    index: int
+    event: EventV1
+    hash: str
+    warnings: tuple[str, ...]
+
+
+def _validate(
+    raws: Sequence[msgspec.Raw | bytes], service: Service
+) -> tuple[list[_Valid], dict[int, EventResult]]:
+    cfg = settings.SAGAADMIN
+    redact_keys = frozenset(k.lower() for k in cfg["PAYLOAD_REDACT_KEYS"])
+    valid: list[_Valid] = []
+    results: dict[int, EventResult] = {}
+    seen: dict[str, _Valid] = {}
+    for index, raw in enumerate(raws):
+        event_id = None
+        try:
+            event = decode_event(raw)
+            event_id = event.id
+            if event.service and event.service != service.name:
+                raise EventRejected(
+                    "service", f"this key reports for '{service.name}' only, not '{event.service}'"
+                )
+            payload, warning = clean_payload(
+                event.payload,
+                max_bytes=cfg["PAYLOAD_MAX_BYTES"],
+                max_depth=cfg["PAYLOAD_MAX_DEPTH"],
+                redact_keys=redact_keys,
+            )
+            event = msgspec.structs.replace(event, service=service.name, payload=payload)
+            item = _Valid(index, event, content_hash(event), (warning,) if warning else ())
+        except EventRejected as exc:
+            results[index] = EventResult(index, event_id or exc.event_id, REJECTED, (exc.error,))
+            continue
+        first = seen.get(event.id)
+        if first is None:
+            seen[event.id] = item
+            valid.append(item)
+        elif first.hash == item.hash:
+            results[index] = EventResult(index, event.id, DUPLICATE)
+        else:
+            results[index] = _conflict(index, event.id, f"event {first.index} of this batch")
+    return valid, results
+
+
+def _conflict(index: int, event_id: str, where: str) -> EventResult:
+    return EventResult(
+        index,
+        event_id,
+        REJECTED,
+        (
+            FieldError(
+                "id", f"already used by {where} with different content; the original is kept"
+            ),
+        ),
+    )
+
+
+def events_ingest(
+    *, service: Service, raws: Sequence[msgspec.Raw | bytes], received_at: datetime | None = None
+) -> IngestResult:
+    """Ingest raw protocol events reported by ``service``, in one transaction.
+
+    Joins the caller's transaction when there is one (the orchestrator reports
+    in the transaction of its own transition). Locks the touched saga rows in
+    saga-id order, so concurrent batches never deadlock.
+    """
+    received_at = (received_at or datetime.now(UTC)).astimezone(UTC)
+    valid, results = _validate(raws, service)
+    changed: list[str] = []
+    if valid:
+        with transaction.atomic():
+            changed = _store_and_project(service, valid, received_at, results)
+    return IngestResult([results[i] for i in range(len(raws))], changed)
+
+
+def _store_and_project(
+    service: Service, valid: list[_Valid], received_at: datetime, results: dict[int, EventResult]
+) -> list[str]:
+    saga_ids = sorted({v.event.saga_id for v in valid})
+    Saga.objects.bulk_create([Saga(saga_id=s) for s in saga_ids], ignore_conflicts=True)
+    sagas = {
+        s.saga_id: s
+        for s in Saga.objects.select_for_update()
+        .filter(saga_id__in=saga_ids)
+        .order_by("saga_id")
+        .only("id", "saga_id", "version", "event_count")
+    }
+    valid.sort(key=lambda v: v.event.id)  # one insert order everywhere: no deadlocks
+    inserted = _insert_events(service, valid, received_at)
+    rest = [v for v in valid if v.event.id not in inserted]
+    existing = (
+        dict(
+            TelemetryEvent.objects.filter(
+                service=service, event_id__in=[v.event.id for v in rest]
+            ).values_list("event_id", "content_hash")
+        )
+        if rest
+        else {}
+    )
+    new_by_saga: dict[str, list[FoldEvent]] = {}
+    for v in valid:
+        if v.event.id in inserted:
+            results[v.index] = EventResult(v.index, v.event.id, ACCEPTED, warnings=v.warnings)
+            new_by_saga.setdefault(v.event.saga_id, []).append(_fold_event(v.event, received_at))
+        elif existing.get(v.event.id) == v.hash:
+            results[v.index] = EventResult(v.index, v.event.id, DUPLICATE)
+        else:
+            results[v.index] = _conflict(v.index, v.event.id, "an event stored earlier")
+    # Sagas seen for the first time fold from this batch alone; others re-read their events.
+    old = [s for s in new_by_saga if sagas[s].event_count > 0]
+    events = stored_events_get(saga_ids=old) if old else {}
+    for saga_id, fresh in new_by_saga.items():
+        if sagas[saga_id].event_count == 0:
+            events[saga_id] = fresh
+    read_model_refold(sagas={s: sagas[s] for s in new_by_saga}, events=events)
+    empty = [s for s in saga_ids if s not in new_by_saga and sagas[s].event_count == 0]
+    if empty:  # rows created above for sagas whose every event was a conflict
+        Saga.objects.filter(saga_id__in=empty, event_count=0).delete()
+    return sorted(new_by_saga)
+
+
+def _fold_event(e: EventV1, received_at: datetime) -> FoldEvent:
+    return FoldEvent(
+        service=e.service,
+        event_id=e.id,
+        type=e.type,
+        occurred_at=e.occurred_at.astimezone(UTC),
+        received_at=received_at,
+        saga_type=e.saga_type,
+        step=e.step,
+        attempt=e.attempt,
+        sequence=e.sequence,
+        deadline=e.deadline.astimezone(UTC) if e.deadline else None,
+        idempotency_key=e.idempotency_key,
+        error=msgspec.to_builtins(e.error) if e.error is not None else None,
+        attributes=e.attributes,
+        trace_id=e.trace_id,
+    )
+
+
+_COLUMNS = (
+    "service_id",
+    "event_id",
+    "protocol_version",
+    "saga_id",
+    "saga_type",
+    "type",
+    "step",
+    "attempt",
+    "occurred_at",
+    "received_at",
+    "sequence",
+    "deadline",
+    "idempotency_key",
+    "message",
+    "error",
+    "attributes",
+    "payload",
+    "trace_id",
+    "span_id",
+    "content_hash",
+)
+_FIELDS = {f.column: f for f in TelemetryEvent._meta.concrete_fields}
+
+
+def _insert_events(service: Service, valid: list[_Valid], received_at: datetime) -> set[str]:
+    """INSERT ... ON CONFLICT DO NOTHING RETURNING: the ids this call stored."""
+    table = connection.ops.quote_name(TelemetryEvent._meta.db_table)
+    columns = ", ".join(connection.ops.quote_name(c) for c in _COLUMNS)
+    row_sql = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
+    prep = [_FIELDS[c] for c in _COLUMNS]
+    inserted: set[str] = set()
+    for start in range(0, len(valid), 1000):
+        chunk = valid[start : start + 1000]
+        params: list[Any] = []
+        for v in chunk:
+            e = v.event
+            raw = (
+                service.pk,
+                e.id,
+                e.version,
+                e.saga_id,
+                e.saga_type,
+                e.type,
+                e.step,
+                e.attempt,
+                e.occurred_at,
+                received_at,
+                e.sequence,
+                e.deadline,
+                e.idempotency_key,
+                msgspec.to_builtins(e.message) if e.message is not None else None,
+                msgspec.to_builtins(e.error) if e.error is not None else None,
+                e.attributes,
+                e.payload,
+                e.trace_id,
+                e.span_id,
+                v.hash,
+            )
+            params += [
+                f.get_db_prep_save(value, connection) for f, value in zip(prep, raw, strict=True)
+            ]
+        sql = (
+            f"INSERT INTO {table} ({columns}) VALUES {', '.join([row_sql] * len(chunk))} "  # noqa: S608
+            "ON CONFLICT (service_id, event_id) DO NOTHING RETURNING event_id"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            inserted.update(row[0] for row in cursor.fetchall())
+    return inserted

@@ -1,0 +1,206 @@
+"""Tracking models: the append-only event store and the read model built from it.
+
+``TelemetryEvent`` is the source of truth and is never updated or deleted by
+the product. ``Saga`` and ``Step`` are a projection of it
+(:mod:`tracking.projection`): ``manage.py rebuild_read_model`` can recreate
+them at any time and must reach the same rows ingest maintained incrementally.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+
+def join_delimited(items: list[str]) -> str:
+    """``["a", "b"]`` -> ``",a,b,"``: one item is found with ``contains=",a,"``."""
+    return f",{','.join(items)}," if items else ""
+
+
+def split_delimited(value: str) -> list[str]:
+    return [item for item in value.split(",") if item]
+
+
+class Service(models.Model):
+    """A service that reports telemetry (one per deployable, e.g. ``payment``)."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_event_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ServiceKey(models.Model):
+    """A bearer key a service reports with.
+
+    The key is shown once at creation; only its lookup prefix and a SHA-256
+    hash are stored (keys are 256-bit random tokens, so a fast hash is safe:
+    there is nothing to brute-force, unlike a password).
+    """
+
+    service = models.ForeignKey(Service, on_delete=models.CASCADE, related_name="keys")
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=16, unique=True)
+    hashed = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.service.name}:{self.prefix}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class TelemetryEvent(models.Model):
+    """One report, stored as received (after validation, upcasting and redaction).
+
+    Unique on ``(service, event_id)``: the reporter's id is the dedupe key.
+    ``occurred_at`` is the reporter's clock, ``received_at`` the server's.
+    """
+
+    service = models.ForeignKey(Service, on_delete=models.PROTECT, related_name="events")
+    event_id = models.CharField(max_length=128)
+    protocol_version = models.PositiveSmallIntegerField(default=1)
+    saga_id = models.CharField(max_length=200)
+    saga_type = models.CharField(max_length=100, blank=True)
+    type = models.CharField(max_length=32)
+    step = models.CharField(max_length=100, blank=True)
+    attempt = models.PositiveIntegerField(default=1)
+    occurred_at = models.DateTimeField()
+    received_at = models.DateTimeField()
+    sequence = models.BigIntegerField(null=True, blank=True)
+    deadline = models.DateTimeField(null=True, blank=True)
+    idempotency_key = models.CharField(max_length=200, blank=True)
+    message = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    attributes = models.JSONField(default=dict, blank=True)
+    payload = models.JSONField(null=True, blank=True)
+    trace_id = models.CharField(max_length=32, blank=True)
+    span_id = models.CharField(max_length=16, blank=True)
+    # SHA-256 of the canonical encoding: same id + same hash = duplicate,
+    # same id + other hash = conflict (the original is kept).
+    content_hash = models.CharField(max_length=64)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["service", "event_id"], name="event_unique_per_service"
+            ),
+        ]
+        indexes = [models.Index(fields=["saga_id", "id"], name="event_saga_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.saga_id} ({self.event_id})"
+
+
+class SagaStatus(models.TextChoices):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_SAGA_STATUSES = frozenset(
+    {
+        SagaStatus.COMPLETED,
+        SagaStatus.FAILED,
+        SagaStatus.COMPENSATED,
+        SagaStatus.COMPENSATION_FAILED,
+        SagaStatus.CANCELLED,
+    }
+)
+
+
+class StepStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+
+
+class Saga(models.Model):
+    """Read model: one row per saga instance, a projection of its events."""
+
+    saga_id = models.CharField(max_length=200, unique=True)
+    saga_type = models.CharField(max_length=100, blank=True)
+    status = models.CharField(max_length=24, choices=SagaStatus.choices, default=SagaStatus.RUNNING)
+    current_step = models.CharField(max_length=100, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    last_event_at = models.DateTimeField(null=True, blank=True)
+    last_received_at = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.BigIntegerField(null=True, blank=True)
+    deadline = models.DateTimeField(null=True, blank=True)
+    last_error = models.JSONField(null=True, blank=True)
+    idempotency_key = models.CharField(max_length=200, blank=True)
+    attributes = models.JSONField(default=dict, blank=True)
+    # Delimited like ``flags`` (",order,payment,") for a portable "has service" filter.
+    services = models.CharField(max_length=1000, blank=True, default="")
+    trace_ids = models.JSONField(default=list, blank=True)
+    # Sorted, comma-delimited with leading/trailing commas (",anomaly,clock_skew,")
+    # so one flag is found with a substring match on every database.
+    flags = models.CharField(max_length=200, blank=True, default="")
+    anomalies = models.JSONField(default=list, blank=True)
+    event_count = models.PositiveIntegerField(default=0)
+    # Increases by one on every change of the projected state.
+    version = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["-started_at", "-id"], name="saga_started_idx"),
+            models.Index(fields=["-last_event_at", "-id"], name="saga_activity_idx"),
+            models.Index(fields=["status", "-started_at", "-id"], name="saga_status_idx"),
+            models.Index(fields=["saga_type", "-started_at", "-id"], name="saga_type_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.saga_id
+
+    @property
+    def flag_list(self) -> list[str]:
+        return split_delimited(self.flags)
+
+    @property
+    def service_list(self) -> list[str]:
+        return split_delimited(self.services)
+
+
+class Step(models.Model):
+    """Read model: one row per (saga, step name)."""
+
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
+    name = models.CharField(max_length=100)
+    position = models.PositiveIntegerField()
+    service = models.CharField(max_length=100, blank=True)
+    status = models.CharField(max_length=24, choices=StepStatus.choices, default=StepStatus.PENDING)
+    attempt = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.BigIntegerField(null=True, blank=True)
+    deadline = models.DateTimeField(null=True, blank=True)
+    last_error = models.JSONField(null=True, blank=True)
+    idempotency_key = models.CharField(max_length=200, blank=True)
+    compensation_attempt = models.PositiveIntegerField(default=0)
+    # Every attempt and compensation attempt: kind, attempt, start, end, outcome, error.
+    attempts = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["saga", "name"], name="step_unique_per_saga"),
+        ]
+        indexes = [models.Index(fields=["name", "status"], name="step_name_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.saga_id}:{self.name}"

@@ -1,0 +1,222 @@
+"""Writing the read model (``Saga`` and ``Step`` rows) from folded states.
+
+Used by ingest (for the sagas a batch touched) and by ``rebuild_read_model``
+(for any or all sagas). Both go through :func:`read_model_refold`, so the two
+paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from datetime import UTC, timedelta
+
+from django.conf import settings
+from django.db import transaction
+
+from tracking.models import Saga, Step, TelemetryEvent, join_delimited
+from tracking.projection import FoldEvent, SagaState, fold
+
+SAGA_FIELDS = [
+    "saga_type",
+    "status",
+    "current_step",
+    "started_at",
+    "ended_at",
+    "last_event_at",
+    "last_received_at",
+    "duration_ms",
+    "deadline",
+    "last_error",
+    "idempotency_key",
+    "attributes",
+    "services",
+    "trace_ids",
+    "flags",
+    "anomalies",
+    "event_count",
+]
+STEP_FIELDS = [
+    "position",
+    "service",
+    "status",
+    "attempt",
+    "started_at",
+    "ended_at",
+    "duration_ms",
+    "deadline",
+    "last_error",
+    "idempotency_key",
+    "compensation_attempt",
+    "attempts",
+]
+FOLD_COLUMNS = (
+    "saga_id",
+    "service__name",
+    "event_id",
+    "type",
+    "occurred_at",
+    "received_at",
+    "saga_type",
+    "step",
+    "attempt",
+    "sequence",
+    "deadline",
+    "idempotency_key",
+    "error",
+    "attributes",
+    "trace_id",
+)
+
+
+def skew_threshold() -> timedelta:
+    return timedelta(seconds=settings.SAGAADMIN["CLOCK_SKEW_SECONDS"])
+
+
+def stored_events_get(*, saga_ids: Iterable[str]) -> dict[str, list[FoldEvent]]:
+    """A saga's stored events as fold inputs, grouped by saga id."""
+    grouped: dict[str, list[FoldEvent]] = defaultdict(list)
+    rows = TelemetryEvent.objects.filter(saga_id__in=list(saga_ids)).values_list(*FOLD_COLUMNS)
+    for (
+        saga_id,
+        service,
+        event_id,
+        type_,
+        occurred_at,
+        received_at,
+        saga_type,
+        step,
+        attempt,
+        sequence,
+        deadline,
+        idempotency_key,
+        error,
+        attributes,
+        trace_id,
+    ) in rows:
+        grouped[saga_id].append(
+            FoldEvent(
+                service=service,
+                event_id=event_id,
+                type=type_,
+                occurred_at=occurred_at.astimezone(UTC),
+                received_at=received_at.astimezone(UTC),
+                saga_type=saga_type,
+                step=step,
+                attempt=attempt,
+                sequence=sequence,
+                deadline=deadline.astimezone(UTC) if deadline else None,
+                idempotency_key=idempotency_key,
+                error=error,
+                attributes=attributes or {},
+                trace_id=trace_id,
+            )
+        )
+    return grouped
+
+
+def saga_row_values(state: SagaState) -> dict[str, object]:
+    values = {name: getattr(state, name) for name in SAGA_FIELDS}
+    values["flags"] = join_delimited(state.flags)
+    values["services"] = join_delimited(state.services)
+    return values
+
+
+def read_model_refold(
+    *, sagas: Mapping[str, Saga], events: Mapping[str, list[FoldEvent]], bump: str = "always"
+) -> list[SagaState]:
+    """Fold each saga's events and write its rows.
+
+    ``sagas`` are the locked ``Saga`` rows (they must exist). ``bump="always"``
+    (ingest: new events arrived) increases the version of every saga;
+    ``bump="if_changed"`` (rebuild) only of those whose rows change.
+    Precondition: inside a transaction that holds the saga rows' locks.
+    """
+    assert transaction.get_connection().in_atomic_block
+    threshold = skew_threshold()
+    states: list[SagaState] = []
+    saga_objs: list[Saga] = []
+    step_objs: list[Step] = []
+    changed_pks: list[int] = []
+    for saga_id, row in sagas.items():
+        state = fold(saga_id, events.get(saga_id, ()), skew_threshold=threshold)
+        states.append(state)
+        values = saga_row_values(state)
+        steps = [
+            Step(saga_id=row.pk, name=s.name, **{f: getattr(s, f) for f in STEP_FIELDS})
+            for s in state.steps.values()
+        ]
+        if bump == "if_changed" and not _differs(row, values, steps):
+            continue
+        changed_pks.append(row.pk)
+        saga_objs.append(Saga(pk=row.pk, saga_id=saga_id, version=row.version + 1, **values))
+        step_objs += steps
+    if saga_objs:
+        Saga.objects.bulk_create(
+            saga_objs,
+            update_conflicts=True,
+            unique_fields=["saga_id"],
+            update_fields=[*SAGA_FIELDS, "version"],
+        )
+        if bump == "if_changed":  # a rebuild may drop steps no event names any more
+            kept = {(s.saga_id, s.name) for s in step_objs}
+            stale = [
+                pk
+                for pk, saga_pk, name in Step.objects.filter(saga_id__in=changed_pks).values_list(
+                    "pk", "saga_id", "name"
+                )
+                if (saga_pk, name) not in kept
+            ]
+            Step.objects.filter(pk__in=stale).delete()
+        if step_objs:
+            Step.objects.bulk_create(
+                step_objs,
+                update_conflicts=True,
+                unique_fields=["saga", "name"],
+                update_fields=STEP_FIELDS,
+            )
+    return states
+
+
+def _differs(row: Saga, values: dict[str, object], steps: list[Step]) -> bool:
+    if any(getattr(row, k) != v for k, v in values.items()):
+        return True
+    current = {s.name: s for s in row.steps.all()}
+    if set(current) != {s.name for s in steps}:
+        return True
+    return any(getattr(current[s.name], f) != getattr(s, f) for s in steps for f in STEP_FIELDS)
+
+
+def read_model_rebuild(*, saga_id: str | None = None, batch_size: int = 500) -> dict[str, int]:
+    """Rebuild the read model from the event store (all sagas, or one).
+
+    Sagas with events but no row are created, rows without events deleted;
+    versions increase only where the rebuilt rows differ.
+    """
+    ids_qs = TelemetryEvent.objects.values_list("saga_id", flat=True).distinct().order_by("saga_id")
+    if saga_id is not None:
+        ids_qs = ids_qs.filter(saga_id=saga_id)
+    counts = {"sagas": 0, "changed": 0, "deleted": 0}
+    ids = list(ids_qs)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        with transaction.atomic():
+            Saga.objects.bulk_create([Saga(saga_id=s) for s in chunk], ignore_conflicts=True)
+            rows = {
+                s.saga_id: s
+                for s in Saga.objects.select_for_update()
+                .filter(saga_id__in=chunk)
+                .order_by("saga_id")
+            }
+            before = {k: v.version for k, v in rows.items()}
+            read_model_refold(
+                sagas=rows, events=stored_events_get(saga_ids=chunk), bump="if_changed"
+            )
+            after = dict(Saga.objects.filter(saga_id__in=chunk).values_list("saga_id", "version"))
+            counts["sagas"] += len(chunk)
+            counts["changed"] += sum(1 for k in chunk if after[k] != before[k])
+    orphans = Saga.objects.exclude(saga_id__in=TelemetryEvent.objects.values("saga_id"))
+    if saga_id is not None:
+        orphans = orphans.filter(saga_id=saga_id)
+    counts["deleted"] = orphans.delete()[1].get(Saga._meta.label, 0)
+    return counts

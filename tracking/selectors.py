@@ -1,0 +1,201 @@
+"""Reads of the tracking read model and event store (no writes here)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+from django.db.models import Prefetch, QuerySet
+from django.utils.dateparse import parse_datetime
+
+from tracking.models import Saga, SagaStatus, Step, TelemetryEvent
+from tracking.projection import FoldEvent, order_events
+
+SORTS = {
+    "-started_at": ("started_at", True),
+    "started_at": ("started_at", False),
+    "-last_event_at": ("last_event_at", True),
+    "last_event_at": ("last_event_at", False),
+}
+MAX_PAGE = 200
+
+
+class InvalidFilter(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class SagaFilter:
+    saga_type: str = ""
+    statuses: tuple[str, ...] = ()
+    service: str = ""
+    step: str = ""
+    flag: str = ""
+    saga_id_prefix: str = ""
+    started_after: datetime | None = None
+    started_before: datetime | None = None
+    attributes: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_params(cls, params: Any) -> SagaFilter:
+        """Build from query parameters, naming the parameter that is wrong."""
+        statuses = tuple(s for s in params.get("status", "").split(",") if s)
+        for status in statuses:
+            if status not in SagaStatus.values:
+                raise InvalidFilter(
+                    "status", f"unknown status '{status}'; one of {', '.join(SagaStatus.values)}"
+                )
+        attrs = tuple(
+            (name[5:], params.get(name)) for name in sorted(params) if name.startswith("attr.")
+        )
+        for key, _ in attrs:
+            if not key or not key.replace("_", "").replace("-", "").isalnum():
+                raise InvalidFilter(f"attr.{key}", "attribute keys are letters, digits, _ and -")
+        return cls(
+            saga_type=params.get("type", ""),
+            statuses=statuses,
+            service=params.get("service", ""),
+            step=params.get("step", ""),
+            flag=params.get("flag", ""),
+            saga_id_prefix=params.get("saga_id", ""),
+            started_after=_time(params, "started_after"),
+            started_before=_time(params, "started_before"),
+            attributes=attrs,
+        )
+
+
+def _time(params: Any, name: str) -> datetime | None:
+    raw = params.get(name)
+    if not raw:
+        return None
+    try:
+        value = parse_datetime(raw)
+    except ValueError:
+        value = None
+    if value is None or value.tzinfo is None:
+        raise InvalidFilter(
+            name, "expected an RFC 3339 time with offset, e.g. 2026-01-01T00:00:00Z"
+        )
+    return value
+
+
+def saga_queryset(*, filters: SagaFilter) -> QuerySet[Saga]:
+    qs = Saga.objects.filter(event_count__gt=0)
+    if filters.saga_type:
+        qs = qs.filter(saga_type=filters.saga_type)
+    if filters.statuses:
+        qs = qs.filter(status__in=filters.statuses)
+    if filters.service:
+        qs = qs.filter(services__contains=f",{filters.service},")
+    if filters.flag:
+        qs = qs.filter(flags__contains=f",{filters.flag},")
+    if filters.step:
+        qs = qs.filter(steps__name=filters.step)
+    if filters.saga_id_prefix:
+        qs = qs.filter(saga_id__startswith=filters.saga_id_prefix)
+    if filters.started_after:
+        qs = qs.filter(started_at__gte=filters.started_after)
+    if filters.started_before:
+        qs = qs.filter(started_at__lt=filters.started_before)
+    for key, value in filters.attributes:
+        if connection.vendor == "postgresql":  # GIN-indexed containment
+            qs = qs.filter(attributes__contains={key: _scalar(value)})
+        else:
+            qs = qs.filter(**{f"attributes__{key}": _scalar(value)})
+    return qs
+
+
+def _scalar(value: str) -> str | int | float | bool:
+    """Query strings are text; match numbers and booleans as the reporter sent them."""
+    if value in ("true", "false"):
+        return value == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SagaPage:
+    sagas: list[Saga]
+    next_cursor: str | None
+
+
+def encode_cursor(value: datetime, pk: int) -> str:
+    raw = json.dumps([value.isoformat(), pk]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value, pk = json.loads(raw)
+        when = parse_datetime(value)
+        if when is None or not isinstance(pk, int):
+            raise ValueError
+        return when, pk
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
+        raise InvalidFilter("cursor", "not a cursor this API handed out") from exc
+
+
+def saga_list(
+    *, filters: SagaFilter, sort: str = "-started_at", cursor: str | None = None, limit: int = 50
+) -> SagaPage:
+    """One keyset page: stable under inserts (a new saga never shifts a page)."""
+    if sort not in SORTS:
+        raise InvalidFilter("sort", f"one of {', '.join(SORTS)}")
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidFilter("limit", f"between 1 and {MAX_PAGE}")
+    column, descending = SORTS[sort]
+    qs = saga_queryset(filters=filters).filter(**{f"{column}__isnull": False})
+    if cursor:
+        value, pk = decode_cursor(cursor)
+        op = "<" if descending else ">"
+        table = connection.ops.quote_name(Saga._meta.db_table)
+        qs = qs.extra(  # noqa: S610 - row-value comparison keeps the keyset index usable
+            where=[f"({table}.{column}, {table}.id) {op} (%s, %s)"], params=[value, pk]
+        )
+    order = [f"-{column}", "-id"] if descending else [column, "id"]
+    rows = list(qs.order_by(*order)[: limit + 1])
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = encode_cursor(getattr(last, column), last.pk)
+    return SagaPage(rows, next_cursor)
+
+
+def saga_get(*, saga_id: str) -> Saga | None:
+    return (
+        Saga.objects.filter(saga_id=saga_id, event_count__gt=0)
+        .prefetch_related(Prefetch("steps", queryset=Step.objects.order_by("position")))
+        .first()
+    )
+
+
+def saga_events_list(*, saga_id: str) -> list[TelemetryEvent]:
+    """The saga's events in timeline order (the projection's order)."""
+    rows = list(TelemetryEvent.objects.filter(saga_id=saga_id).select_related("service"))
+    by_key = {(e.service.name, e.event_id): e for e in rows}
+    keys = [
+        FoldEvent(
+            service=e.service.name,
+            event_id=e.event_id,
+            type=e.type,
+            occurred_at=e.occurred_at,
+            received_at=e.received_at,
+            sequence=e.sequence,
+        )
+        for e in rows
+    ]
+    return [by_key[(k.service, k.event_id)] for k in order_events(keys)]

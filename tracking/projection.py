@@ -69,6 +69,7 @@ _AFTER_TERMINAL = {
     },
 }
 _ONE_US = timedelta(microseconds=1)
+EVENT_ORDER_RANK_TYPES = frozenset(RANK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +143,7 @@ def order_events(events: Iterable[FoldEvent]) -> list[FoldEvent]:
         else:
             by_service[e.service].append(e)
     for group in by_service.values():
-        group.sort(key=lambda e: (e.sequence, e.event_id))
+        group.sort(key=lambda e: (e.sequence, RANK[e.type], e.event_id))
         times = sorted(e.occurred_at for e in group)
         previous: datetime | None = None
         for e, t in zip(group, times, strict=True):

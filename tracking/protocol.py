@@ -122,14 +122,18 @@ class TooManyEvents(Exception):
     """More events in one batch than allowed (413)."""
 
 
+_NAMED = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]*)`")
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
 def _field_error(exc: msgspec.ValidationError) -> EventRejected:
     match = _AT.match(str(exc))
     assert match is not None
-    path = (match.group("path") or "").lstrip(".") or "event"
+    path = (match.group("path") or "").replace("[...]", "").lstrip(".")
     message = match.group("msg")
+    if named := _NAMED.match(message):  # "Object missing required field `id`"
+        path = f"{path}.{named.group(1)}" if path else named.group(1)
+    path = path or "event"
     if message.startswith("Invalid enum value") and path == "type":
         message += "; expected one of: " + ", ".join(EVENT_TYPES)
     return EventRejected(path, message)

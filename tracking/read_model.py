@@ -13,6 +13,7 @@ from datetime import UTC, timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 
 from tracking.models import Saga, Step, TelemetryEvent, join_delimited
 from tracking.projection import FoldEvent, SagaState, fold
@@ -137,7 +138,7 @@ def read_model_refold(
     states: list[SagaState] = []
     saga_objs: list[Saga] = []
     step_objs: list[Step] = []
-    changed_pks: list[int] = []
+    had_rows: list[Saga] = []
     for saga_id, row in sagas.items():
         state = fold(saga_id, events.get(saga_id, ()), skew_threshold=threshold)
         states.append(state)
@@ -148,8 +149,9 @@ def read_model_refold(
         ]
         if bump == "if_changed" and not _differs(row, values, steps):
             continue
-        changed_pks.append(row.pk)
         saga_objs.append(Saga(pk=row.pk, saga_id=saga_id, version=row.version + 1, **values))
+        if row.event_count > 0 or bump == "if_changed":  # rows that may hold steps already
+            had_rows.append(saga_objs[-1])
         step_objs += steps
     if saga_objs:
         Saga.objects.bulk_create(
@@ -158,16 +160,8 @@ def read_model_refold(
             unique_fields=["saga_id"],
             update_fields=[*SAGA_FIELDS, "version"],
         )
-        if bump == "if_changed":  # a rebuild may drop steps no event names any more
-            kept = {(s.saga_id, s.name) for s in step_objs}
-            stale = [
-                pk
-                for pk, saga_pk, name in Step.objects.filter(saga_id__in=changed_pks).values_list(
-                    "pk", "saga_id", "name"
-                )
-                if (saga_pk, name) not in kept
-            ]
-            Step.objects.filter(pk__in=stale).delete()
+        if had_rows:
+            _delete_stale_steps(had_rows, step_objs)
         if step_objs:
             Step.objects.bulk_create(
                 step_objs,
@@ -176,6 +170,21 @@ def read_model_refold(
                 update_fields=STEP_FIELDS,
             )
     return states
+
+
+def _delete_stale_steps(sagas: list[Saga], steps: list[Step]) -> None:
+    """Drop step rows the new fold no longer has.
+
+    A step can vanish when a late event reorders the timeline and turns the
+    step's only event into an anomaly (e.g. it now sorts after saga.completed).
+    """
+    names: dict[int, list[str]] = defaultdict(list)
+    for step in steps:
+        names[step.saga_id].append(step.name)
+    stale = Q()
+    for saga in sagas:
+        stale |= Q(saga_id=saga.pk) & ~Q(name__in=names.get(saga.pk, []))
+    Step.objects.filter(stale).delete()
 
 
 def _differs(row: Saga, values: dict[str, object], steps: list[Step]) -> bool:

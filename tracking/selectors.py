@@ -163,7 +163,8 @@ def saga_list(
         op = "<" if descending else ">"
         table = connection.ops.quote_name(Saga._meta.db_table)
         qs = qs.extra(  # noqa: S610 - row-value comparison keeps the keyset index usable
-            where=[f"({table}.{column}, {table}.id) {op} (%s, %s)"], params=[value, pk]
+            where=[f"({table}.{column}, {table}.id) {op} (%s, %s)"],
+            params=[connection.ops.adapt_datetimefield_value(value), pk],
         )
     order = [f"-{column}", "-id"] if descending else [column, "id"]
     rows = list(qs.order_by(*order)[: limit + 1])

@@ -1,0 +1,732 @@
+"""Ingest throughput of Saga Admin against raw PostgreSQL, measured in one run.
+
+What it measures, on a fresh database (``sagaadmin_bench``, dropped and
+recreated on every run) of the local PostgreSQL server:
+
+* batch ingest: events/s accepted by ``POST /api/v1/events`` with 500-event
+  ``{"events": [...]}`` batches, from concurrent keep-alive clients;
+* single-event ingest: events/s with one event per request, each client
+  reporting its own sagas (no lock contention between clients);
+* raw PostgreSQL, on ``raw_events``: a copy of ``tracking_telemetryevent`` with
+  the same columns, unique constraint and indexes (no foreign key), filled with
+  rows of the same shape:
+  COPY rows/s in 500-row chunks (the ceiling for batch ingest) and single-row
+  INSERT commits/s at the single-event concurrency (the ceiling for one event
+  per request), the way /work/shared/peers/pg_limits.py measures them;
+
+then prints the two ratios against the bars of the issue: batch events/s over
+COPY rows/s (>= 0.25) and single-event events/s over single-row commits/s
+(>= 0.30).
+
+How: the product is migrated and a service key created with ``manage.py``; the
+server is started as production runs it (uvicorn, N workers, no access log).
+Every saga is eight events (saga.started, started/succeeded for the steps
+order, payment and stock, saga.completed). Clients are separate processes
+(threads only for the single-event connections), each connection keep-alive,
+every request body encoded before the clock starts. Each phase warms up, then
+counts the work completed inside a fixed window; every response must be 200
+with nothing rejected. CPU time of the server, PostgreSQL and the clients
+during each window is read from /proc.
+
+Usage: .venv/bin/python bench/ingest.py [--quick] [--workers N] [--duration S] ...
+(``--help`` lists every option; each also reads a BENCH_* variable). The base
+DSN comes from BENCH_PG (default postgresql://postgres@127.0.0.1:5432).
+Exits 0 whether or not the bars pass (it is a measurement), 1 on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import http.client
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv this script runs in
+HOST = "127.0.0.1"
+DB_NAME = "sagaadmin_bench"
+EVENTS_TABLE = "tracking_telemetryevent"
+RAW_TABLE = "raw_events"
+BATCH_SIZE = 500
+SAGA_TYPE = "order_fulfillment"
+STEPS = ("order", "payment", "stock")
+BAR_BATCH, BAR_SINGLE = 0.25, 0.30
+# Request bodies are pre-generated for up to these rates; a phase whose clients
+# run out earlier is measured up to that moment (and says so).
+MAX_BATCH_EVENTS_PER_S = 30_000
+MAX_SINGLE_EVENTS_PER_S = 6_000
+# Raw phases cycle through a pool of rows, under a new service_id on every pass.
+RAW_POOL_ROWS = 20_000
+# The columns ingest writes (tracking.ingest._COLUMNS), in the same order.
+COLUMNS = (
+    "service_id",
+    "event_id",
+    "protocol_version",
+    "saga_id",
+    "saga_type",
+    "type",
+    "step",
+    "attempt",
+    "occurred_at",
+    "received_at",
+    "sequence",
+    "deadline",
+    "idempotency_key",
+    "message",
+    "error",
+    "attributes",
+    "payload",
+    "trace_id",
+    "span_id",
+    "content_hash",
+)
+_COLS = ", ".join(COLUMNS)
+COPY_SQL = f"COPY {RAW_TABLE} ({_COLS}) FROM STDIN"
+INSERT_SQL = f"INSERT INTO {RAW_TABLE} ({_COLS}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
+
+
+class BenchError(Exception):
+    """The run failed; its figures would mean nothing."""
+
+
+class Exhausted(Exception):
+    """A client used up its pre-generated requests."""
+
+
+# --- workload ------------------------------------------------------------------
+
+
+def _rfc3339(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def saga_events(started: datetime) -> list[dict[str, Any]]:
+    """The eight events of one successful saga, as a reporter sends them."""
+    saga_id = f"order-{uuid.uuid4().hex}"
+    attributes = {"order_id": f"ORD-{uuid.uuid4().int % 10**10:010d}"}
+    kinds = [
+        ("saga.started", ""),
+        *((f"step.{phase}", step) for step in STEPS for phase in ("started", "succeeded")),
+        ("saga.completed", ""),
+    ]
+    events = []
+    for sequence, (kind, step) in enumerate(kinds):
+        event: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "saga_id": saga_id,
+            "type": kind,
+            "occurred_at": _rfc3339(started + timedelta(milliseconds=40 * sequence)),
+            "sequence": sequence,
+            "attributes": attributes,
+        }
+        if kind == "saga.started":
+            event["saga_type"] = SAGA_TYPE
+        if step:
+            event["step"] = step
+        events.append(event)
+    return events
+
+
+def event_stream(count: int, span_start: float, span_seconds: float) -> Iterator[dict[str, Any]]:
+    """``count`` events of consecutive sagas whose start times spread over the span.
+
+    Timestamps follow the run (wall clock), so no saga looks clock-skewed.
+    """
+    sagas = math.ceil(count / 8)
+    made = 0
+    for i in range(sagas):
+        started = datetime.fromtimestamp(span_start + span_seconds * i / sagas, UTC)
+        for event in saga_events(started):
+            if made == count:
+                return
+            made += 1
+            yield event
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def raw_row(event: dict[str, Any], received_at: datetime) -> tuple[Any, ...]:
+    """``event`` as the row ingest stores, without its leading service_id."""
+    return (
+        event["id"],
+        1,
+        event["saga_id"],
+        event.get("saga_type", ""),
+        event["type"],
+        event.get("step", ""),
+        1,
+        datetime.fromisoformat(event["occurred_at"]),
+        received_at,
+        event["sequence"],
+        None,
+        "",
+        None,
+        None,
+        Jsonb(event["attributes"]),
+        None,
+        "",
+        "",
+        hashlib.sha256(_encode(event)).hexdigest(),
+    )
+
+
+# --- client tasks (each runs in one thread of a client process) -----------------
+
+
+class PostTask:
+    """POSTs pre-encoded bodies over one keep-alive connection."""
+
+    def __init__(self, port: int, key: str, bodies: list[bytes], per_request: int) -> None:
+        self.conn = http.client.HTTPConnection(HOST, port, timeout=60)
+        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self.bodies = bodies
+        self.per_request = per_request
+        self.next = 0
+
+    def step(self) -> int:
+        if self.next == len(self.bodies):
+            raise Exhausted
+        body = self.bodies[self.next]
+        self.next += 1
+        self.conn.request("POST", "/api/v1/events", body, self.headers)
+        response = self.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise BenchError(f"HTTP {response.status}: {data[:400]!r}")
+        out = json.loads(data)
+        if out["rejected"] or out["accepted"] != self.per_request:
+            raise BenchError(
+                f"expected {self.per_request} accepted, got accepted={out['accepted']} "
+                f"duplicates={out['duplicates']} rejected={out['rejected']}: {data[:400]!r}"
+            )
+        return self.per_request
+
+
+class RawTask:
+    """COPY chunks or single-row INSERTs into raw_events over one autocommit connection.
+
+    Cycles through its pool of rows; each pass uses a service_id of its own, so
+    every row is new to the (service_id, event_id) unique index.
+    """
+
+    def __init__(self, dsn: str, rows: list[tuple[Any, ...]], chunk: int, task_id: int) -> None:
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.cursor = self.conn.cursor()
+        self.rows = rows
+        self.chunk = chunk
+        self.service_id = (task_id + 1) * 1_000_000
+        self.pos = 0
+
+    def step(self) -> int:
+        if self.pos >= len(self.rows):
+            self.pos, self.service_id = 0, self.service_id + 1
+        rows = self.rows[self.pos : self.pos + self.chunk]
+        self.pos += self.chunk
+        if self.chunk == 1:
+            self.cursor.execute(INSERT_SQL, (self.service_id, *rows[0]))
+        else:
+            with self.cursor.copy(COPY_SQL) as copy:
+                for row in rows:
+                    copy.write_row((self.service_id, *row))
+        return len(rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One measured phase: what each client thread does, and how many there are."""
+
+    label: str
+    kind: str  # "batch", "single", "copy" or "insert"
+    procs: int
+    threads: int
+    warmup: float
+    duration: float
+    target: str  # the server's port for HTTP phases, the DSN for raw ones
+    key: str = ""
+    events_per_thread: int = 0  # pre-generated, for HTTP phases
+    span_start: float = 0.0  # wall-clock span the events' timestamps cover
+    span_seconds: float = 0.0
+
+    def make_task(self, task_id: int) -> PostTask | RawTask:
+        if self.kind in ("batch", "single"):
+            events = event_stream(self.events_per_thread, self.span_start, self.span_seconds)
+            if self.kind == "single":
+                bodies = [_encode(e) for e in events]
+                return PostTask(int(self.target), self.key, bodies, 1)
+            chunk: list[dict[str, Any]] = []
+            bodies = []
+            for event in events:
+                chunk.append(event)
+                if len(chunk) == BATCH_SIZE:
+                    bodies.append(_encode({"events": chunk}))
+                    chunk = []
+            return PostTask(int(self.target), self.key, bodies, BATCH_SIZE)
+        now = datetime.now(UTC)
+        rows = [raw_row(e, now) for e in event_stream(RAW_POOL_ROWS, now.timestamp(), 60)]
+        return RawTask(self.target, rows, BATCH_SIZE if self.kind == "copy" else 1, task_id)
+
+
+def _drive(task: PostTask | RawTask, start: float, end: float, out: dict[str, Any]) -> None:
+    """Run ``task`` until ``end``; record (completed_at, items, latency) from ``start`` on."""
+    done: list[tuple[float, int, float]] = out["done"]
+    while (began := time.monotonic()) < end:
+        try:
+            items = task.step()
+        except Exhausted:
+            out["exhausted"].append(began)
+            return
+        except Exception as exc:
+            out["errors"].append(f"{type(exc).__name__}: {exc}")
+            return
+        finished = time.monotonic()
+        if finished >= start:
+            done.append((finished, items, finished - began))
+
+
+def _client(phase: Phase, index: int, ready: Any, go: Any, t0: Any, results: Any) -> None:
+    """A client process: prepare its threads' tasks, wait for the start, run, report."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
+    out: dict[str, Any] = {"done": [], "errors": [], "exhausted": []}
+    try:
+        tasks = [phase.make_task(index * phase.threads + i) for i in range(phase.threads)]
+    except Exception as exc:
+        out["errors"].append(f"setup: {type(exc).__name__}: {exc}")
+        tasks = []
+    ready.put(index)
+    go.wait()
+    start = t0.value + phase.warmup
+    end = start + phase.duration
+    threads = [
+        threading.Thread(target=_drive, args=(task, start, end, out), daemon=True) for task in tasks
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results.put(out)
+
+
+# --- measuring -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    phase: Phase
+    rate: float  # items per second inside the window
+    items: int
+    window: float
+    p50_ms: float
+    p99_ms: float
+    cpu: dict[str, float]  # cores used during the window, by party
+    note: str = ""
+
+
+def _pgrp_cpu() -> dict[int, tuple[str, int, float]]:
+    """Every process: pid -> (name, process group, CPU seconds so far)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # utime + stime, plus cutime + cstime: the CPU of exited children (PostgreSQL
+        # backends of closed connections end up in the postmaster's).
+        seconds = sum(int(v) for v in fields[11:15]) / tick
+        procs[int(entry.name)] = (name, int(fields[2]), seconds)
+    return procs
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores)."""
+    # user nice system [idle iowait] irq softirq steal (guest is already in user)
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(values[:3]) + sum(values[5:])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_sample(server_pgid: int | None, clients: set[int]) -> dict[str, float]:
+    totals = {"server": 0.0, "postgres": 0.0, "clients": 0.0}
+    if not Path("/proc/stat").exists():
+        return totals
+    for pid, (name, pgrp, seconds) in _pgrp_cpu().items():
+        if server_pgid is not None and pgrp == server_pgid:
+            totals["server"] += seconds
+        elif name == "postgres" or name.startswith("postgres:"):
+            totals["postgres"] += seconds
+        elif pid in clients:
+            totals["clients"] += seconds
+    totals["machine"] = _busy_seconds()
+    return totals
+
+
+def _sleep_until(t: float) -> None:
+    time.sleep(max(0.0, t - time.monotonic()))
+
+
+def run_phase(phase: Phase, server_pgid: int | None = None) -> Result:
+    ctx = mp.get_context("spawn")
+    ready, results = ctx.Queue(), ctx.Queue()
+    go, t0 = ctx.Event(), ctx.Value("d", 0.0)
+    procs = [
+        ctx.Process(target=_client, args=(phase, i, ready, go, t0, results), daemon=True)
+        for i in range(phase.procs)
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+        for _ in procs:
+            ready.get(timeout=300)
+        t0.value = time.monotonic() + 0.1
+        go.set()
+        start = t0.value + phase.warmup
+        end = start + phase.duration
+        pids = {p.pid for p in procs if p.pid is not None}
+        _sleep_until(start)
+        before = _cpu_sample(server_pgid, pids)
+        _sleep_until(end)
+        after = _cpu_sample(server_pgid, pids)
+        outs = [results.get(timeout=120) for _ in procs]
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+    errors = [e for out in outs for e in out["errors"]]
+    if errors:
+        shown = "\n  ".join(sorted(set(errors))[:5])
+        raise BenchError(f"{phase.label}: {len(errors)} client(s) failed:\n  {shown}")
+    note = ""
+    exhausted = [t for out in outs for t in out["exhausted"]]
+    if exhausted and min(exhausted) < end:
+        end = min(exhausted)
+        note = f"clients ran out of pre-generated requests after {end - start:.1f} s"
+        if end - start < phase.duration / 2:
+            raise BenchError(f"{phase.label}: {note}; raise the MAX_*_EVENTS_PER_S caps")
+    done = [d for out in outs for d in out["done"] if start <= d[0] <= end]
+    if not done:
+        raise BenchError(f"{phase.label}: no request completed inside the window")
+    items = sum(d[1] for d in done)
+    latencies = sorted(d[2] for d in done)
+    window = end - start
+    cpu = {k: (after[k] - before[k]) / phase.duration for k in after}
+    machine = cpu.pop("machine", 0.0)
+    cpu["other"] = max(0.0, machine - sum(cpu.values()))  # the kernel, other programs
+    return Result(
+        phase,
+        items / window,
+        items,
+        window,
+        1000 * latencies[len(latencies) // 2],
+        1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        cpu,
+        note,
+    )
+
+
+# --- database and server ---------------------------------------------------------
+
+
+def database_recreate(base_dsn: str) -> tuple[str, str]:
+    """Drop and create the bench database; return its DSN and the server version."""
+    with psycopg.connect(f"{base_dsn}/postgres", autocommit=True) as conn:
+        name = sql.Identifier(DB_NAME)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
+        version = conn.execute("SHOW server_version").fetchone()
+    return f"{base_dsn}/{DB_NAME}", version[0] if version else "?"
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode:
+        raise BenchError(f"manage.py {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def _index_shapes(conn: psycopg.Connection, table: str) -> list[str]:
+    """Index and constraint definitions of ``table``, without names or table name."""
+    rows = conn.execute(
+        "SELECT indexdef FROM pg_indexes WHERE tablename = %s "
+        "UNION ALL SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = %s::regclass AND contype <> 'f'",
+        (table, table),
+    ).fetchall()
+    return sorted(re.sub(r"INDEX \S+ ON \S+ ", "INDEX ON ", r[0]) for r in rows)
+
+
+def raw_table_create(dsn: str) -> list[str]:
+    """raw_events: LIKE tracking_telemetryevent INCLUDING ALL; checks the indexes came along."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {RAW_TABLE} (LIKE {EVENTS_TABLE} INCLUDING ALL)")
+        product, raw = _index_shapes(conn, EVENTS_TABLE), _index_shapes(conn, RAW_TABLE)
+    if product != raw:
+        raise BenchError(f"{RAW_TABLE} differs from {EVENTS_TABLE}:\n{raw}\n{product}")
+    return raw
+
+
+def checkpoint(dsn: str) -> None:
+    """Flush dirty pages so one phase's writes do not slow the next one down."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_running(env: dict[str, str], workers: int, log: Path) -> Iterator[tuple[int, int]]:
+    """Start uvicorn as production does; yield (port, process group); always stop it."""
+    port = _free_port()
+    command = [
+        str(BIN / "uvicorn"),
+        "sagaadmin.asgi:application",
+        *("--host", HOST, "--port", str(port), "--workers", str(workers)),
+        *("--no-access-log", "--log-level", "warning"),
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_ready(proc, port, log)
+        yield port, proc.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"the server exited ({proc.returncode}):\n{_tail(log)}")
+        conn = http.client.HTTPConnection(HOST, port, timeout=5)
+        try:
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.2)
+    raise BenchError(f"GET /readyz did not answer 200 within 60 s:\n{_tail(log)}")
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+# --- main ------------------------------------------------------------------------
+
+
+def _env_num(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short phases, for a smoke run")
+    p.add_argument(
+        "--workers", type=int, default=int(_env_num("BENCH_WORKERS", 2)), help="uvicorn workers"
+    )
+    p.add_argument(
+        "--duration", type=float, default=_env_num("BENCH_DURATION", 20), help="s per phase"
+    )
+    p.add_argument(
+        "--warmup", type=float, default=_env_num("BENCH_WARMUP", 3), help="s before each window"
+    )
+    p.add_argument(
+        "--batch-clients",
+        type=int,
+        default=int(_env_num("BENCH_BATCH_CLIENTS", 4)),
+        help="client processes in batch mode (and COPY connections)",
+    )
+    p.add_argument(
+        "--single-procs",
+        type=int,
+        default=int(_env_num("BENCH_SINGLE_PROCS", 4)),
+        help="client processes in single-event mode (and for raw INSERTs)",
+    )
+    p.add_argument(
+        "--single-threads",
+        type=int,
+        default=int(_env_num("BENCH_SINGLE_THREADS", 4)),
+        help="connections per single-event client process",
+    )
+    args = p.parse_args()
+    if args.quick:
+        args.duration, args.warmup = 3.0, 1.0
+    return args
+
+
+def report(
+    results: dict[str, Result], args: argparse.Namespace, pg_version: str, indexes: list[str]
+) -> None:
+    print()
+    print(
+        f"Saga Admin ingest benchmark: {os.cpu_count()} cores, PostgreSQL {pg_version}, "
+        f"uvicorn {args.workers} workers, "
+        f"{args.duration:g} s per phase after {args.warmup:g} s warm-up"
+    )
+    print(f"raw_events = {EVENTS_TABLE} columns + {len(indexes)} indexes/constraints:")
+    for shape in indexes:
+        print(f"  {shape}")
+    print()
+    print(
+        f"{'phase':<34}{'clients':>9}{'rate':>17}{'p50 ms':>9}{'p99 ms':>9}"
+        "  CPU cores: server postgres  clients    other"
+    )
+    for r in results.values():
+        unit = "rows/s" if r.phase.kind == "copy" else "events/s"
+        unit = "commits/s" if r.phase.kind == "insert" else unit
+        clients = f"{r.phase.procs}x{r.phase.threads}" if r.phase.threads > 1 else r.phase.procs
+        cpu = "".join(f"{r.cpu[k]:>9.2f}" for k in ("server", "postgres", "clients", "other"))
+        print(
+            f"{r.phase.label:<34}{clients!s:>9}{r.rate:>8,.0f} {unit:<9}{r.p50_ms:>8.1f}"
+            f"{r.p99_ms:>9.1f}  {cpu}"
+        )
+        if r.note:
+            print(f"  note: {r.note}")
+    print()
+    for label, num, den, bar in (
+        ("batch ingest / raw COPY", "batch", "copy", BAR_BATCH),
+        ("single-event ingest / raw single-row commits", "single", "insert", BAR_SINGLE),
+    ):
+        ratio = results[num].rate / results[den].rate
+        verdict = "PASS" if ratio >= bar else "FAIL"
+        print(f"{label:<46} {ratio:5.3f}  (bar >= {bar:.2f})  {verdict}")
+
+
+def _base_dsn() -> str:
+    return os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432").rstrip("/")
+
+
+def main() -> int:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on kill too
+    dsn, pg_version = database_recreate(_base_dsn())
+    env = {
+        **os.environ,
+        "DATABASE_URL": dsn,
+        "DJANGO_SETTINGS_MODULE": "sagaadmin.settings.base",
+        "DEBUG": "0",
+    }
+    print(f"database {DB_NAME} recreated; migrating", flush=True)
+    manage(env, "migrate", "--noinput", "-v", "0")
+    key = manage(env, "create_service_key", "bench", "--quiet").strip()
+    indexes = raw_table_create(dsn)
+    common = {"warmup": args.warmup, "duration": args.duration}
+    span = args.warmup + args.duration
+    results: dict[str, Result] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        log = Path(tmp, "uvicorn.log")
+        with server_running(env, args.workers, log) as (port, pgid):
+            print(f"server up on port {port} with {args.workers} workers", flush=True)
+            plans = [
+                Phase(
+                    "batch ingest (500 events/request)",
+                    "batch",
+                    args.batch_clients,
+                    1,
+                    target=str(port),
+                    key=key,
+                    events_per_thread=BATCH_SIZE
+                    * math.ceil(MAX_BATCH_EVENTS_PER_S * span / args.batch_clients / BATCH_SIZE),
+                    **common,
+                ),
+                Phase(
+                    "single-event ingest",
+                    "single",
+                    args.single_procs,
+                    args.single_threads,
+                    target=str(port),
+                    key=key,
+                    events_per_thread=math.ceil(
+                        MAX_SINGLE_EVENTS_PER_S * span / args.single_procs / args.single_threads
+                    ),
+                    **common,
+                ),
+            ]
+            for phase in plans:
+                checkpoint(dsn)
+                # Timestamps cover the phase, starting after the clients prepared.
+                phase = dataclasses.replace(phase, span_start=time.time() + 5, span_seconds=span)
+                print(f"running {phase.label} ...", flush=True)
+                try:
+                    results[phase.kind] = run_phase(phase, pgid)
+                except BenchError as exc:
+                    raise BenchError(f"{exc}\nserver log (tail):\n{_tail(log)}") from None
+            if "Traceback" in log.read_text(errors="replace"):
+                raise BenchError(f"the server logged errors:\n{_tail(log)}")
+    for phase in (
+        Phase("raw COPY (500-row chunks)", "copy", args.batch_clients, 1, target=dsn, **common),
+        Phase(
+            "raw single-row INSERT commits",
+            "insert",
+            args.single_procs,
+            args.single_threads,
+            target=dsn,
+            **common,
+        ),
+    ):
+        checkpoint(dsn)
+        print(f"running {phase.label} ...", flush=True)
+        results[phase.kind] = run_phase(phase)
+    report(results, args, pg_version, indexes)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"\nbench/ingest.py: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -132,7 +132,23 @@ def events_ingest(
     if valid:
         with transaction.atomic():
             changed = _store_and_project(service, valid, received_at, results)
+            if changed:
+                transaction.on_commit(lambda: service_touch(service=service, at=received_at))
     return IngestResult([results[i] for i in range(len(raws))], changed)
+
+
+SERVICE_TOUCH_RESOLUTION = timedelta(seconds=1)
+
+
+def service_touch(*, service: Service, at: datetime) -> None:
+    """Record when the service last reported, at most once a second per process.
+
+    Runs after commit and outside the ingest transaction, so the hot
+    ``Service`` row is never locked by ingest batches.
+    """
+    if service.last_event_at is None or at - service.last_event_at >= SERVICE_TOUCH_RESOLUTION:
+        Service.objects.filter(pk=service.pk).update(last_event_at=at)
+        service.last_event_at = at
 
 
 def _store_and_project(

@@ -21,17 +21,37 @@ STEPS = ["order", "payment", "stock", "shipping"]
 
 def saga_stream(saga_id: str) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = [
-        {"id": f"{saga_id}:start", "saga_id": saga_id, "type": "saga.started", "saga_type": "order",
-         "occurred_at": T0.isoformat(), "sequence": 0},
+        {
+            "id": f"{saga_id}:start",
+            "saga_id": saga_id,
+            "type": "saga.started",
+            "saga_type": "order",
+            "occurred_at": T0.isoformat(),
+            "sequence": 0,
+        },
     ]
     for i, step in enumerate(STEPS):
         for j, kind in enumerate(("step.started", "step.succeeded")):
             seq = 1 + 2 * i + j
-            events.append({"id": f"{saga_id}:{step}:{kind}", "saga_id": saga_id, "type": kind,
-                           "step": step, "sequence": seq,
-                           "occurred_at": (T0 + timedelta(seconds=seq)).isoformat()})
-    events.append({"id": f"{saga_id}:done", "saga_id": saga_id, "type": "saga.completed",
-                   "occurred_at": (T0 + timedelta(seconds=20)).isoformat(), "sequence": 99})
+            events.append(
+                {
+                    "id": f"{saga_id}:{step}:{kind}",
+                    "saga_id": saga_id,
+                    "type": kind,
+                    "step": step,
+                    "sequence": seq,
+                    "occurred_at": (T0 + timedelta(seconds=seq)).isoformat(),
+                }
+            )
+    events.append(
+        {
+            "id": f"{saga_id}:done",
+            "saga_id": saga_id,
+            "type": "saga.completed",
+            "occurred_at": (T0 + timedelta(seconds=20)).isoformat(),
+            "sequence": 99,
+        }
+    )
     return events
 
 
@@ -60,7 +80,8 @@ def test_overlapping_concurrent_batches_for_the_same_sagas(postgres, service_key
                 if not batch:
                     continue
                 response = client.post(
-                    "/api/v1/events", data=msgspec.json.encode({"events": batch}),
+                    "/api/v1/events",
+                    data=msgspec.json.encode({"events": batch}),
                     content_type="application/json",
                     HTTP_AUTHORIZATION=f"Bearer {service_key.secret}",
                 )

@@ -1,0 +1,78 @@
+"""Service keys: shown once, stored hashed, revocable; the commands around them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from tracking.keys import service_key_authenticate, service_key_create
+from tracking.models import Service, ServiceKey
+
+
+def test_a_key_is_stored_only_as_prefix_and_hash(db) -> None:
+    created = service_key_create(service_name="payment")
+    row = ServiceKey.objects.get()
+    assert created.secret.startswith(f"sa_{row.prefix}_")
+    assert row.hashed == hashlib.sha256(created.secret.encode()).hexdigest()
+    assert created.secret not in {row.prefix, row.hashed, row.name}
+
+
+def test_authentication_checks_the_whole_key(db) -> None:
+    created = service_key_create(service_name="payment")
+    assert service_key_authenticate(secret=created.secret).service.name == "payment"
+    assert service_key_authenticate(secret=created.secret[:-1] + "x") is None
+    assert service_key_authenticate(secret="not-a-key") is None
+    assert ServiceKey.objects.get().last_used_at is not None
+
+
+def test_create_and_revoke_commands(db) -> None:
+    out = io.StringIO()
+    call_command("create_service_key", "shipping", "--name", "prod", stdout=out)
+    secret = out.getvalue().strip().splitlines()[-1]
+    assert "shown once" in out.getvalue()
+    assert Service.objects.filter(name="shipping").exists()
+    assert service_key_authenticate(secret=secret) is not None
+    out = io.StringIO()
+    call_command("revoke_service_key", secret, stdout=out)
+    assert "Revoked key" in out.getvalue()
+    assert service_key_authenticate(secret=secret) is None
+
+
+def test_quiet_prints_only_the_key(db) -> None:
+    out = io.StringIO()
+    call_command("create_service_key", "order", "--quiet", stdout=out)
+    assert out.getvalue().startswith("sa_")
+    assert len(out.getvalue().split()) == 1
+
+
+def test_revoking_an_unknown_key_is_a_clear_error(db) -> None:
+    with pytest.raises(CommandError, match="No key with prefix"):
+        call_command("revoke_service_key", "sa_ffffffffffff")
+
+
+def test_service_last_event_time_moves_after_commit(
+    api, make_event, django_capture_on_commit_callbacks
+) -> None:
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        api.batch([make_event("saga.started")])
+    assert Service.objects.get(name="payment").last_event_at is None  # not before commit
+    for callback in callbacks:
+        callback()
+    assert Service.objects.get(name="payment").last_event_at is not None
+
+
+def test_ensure_admin_creates_once_and_prints_the_login(db, tmp_path, settings) -> None:
+    settings.VAR_DIR = tmp_path
+    first, second = io.StringIO(), io.StringIO()
+    call_command("ensure_admin", stdout=first)
+    call_command("ensure_admin", stdout=second)
+    password = (tmp_path / "admin-password.txt").read_text().strip()
+    assert "Created user 'admin'" in first.getvalue()
+    assert f"admin / {password}" in second.getvalue()
+    assert "Created" not in second.getvalue()
+    from django.contrib.auth import authenticate
+
+    assert authenticate(username="admin", password=password) is not None

@@ -25,6 +25,7 @@ from tracking.protocol import (
     clean_payload,
     content_hash,
     decode_event,
+    normalise_times,
 )
 from tracking.read_model import read_model_refold, stored_events_get
 
@@ -88,7 +89,9 @@ def _validate(
                 max_depth=cfg["PAYLOAD_MAX_DEPTH"],
                 redact_keys=redact_keys,
             )
-            event = msgspec.structs.replace(event, service=service.name, payload=payload)
+            event = msgspec.structs.replace(
+                normalise_times(event), service=service.name, payload=payload
+            )
             item = _Valid(index, event, content_hash(event), (warning,) if warning else ())
         except EventRejected as exc:
             results[index] = EventResult(index, event_id or exc.event_id, REJECTED, (exc.error,))

@@ -262,6 +262,8 @@ def _apply(state: SagaState, e: FoldEvent) -> None:
         if state.status in TERMINAL_SAGA_STATUSES:
             state.ended_at = e.occurred_at
             state.current_step = ""
+        else:  # compensating again after a failure: the saga is open once more
+            state.ended_at = None
     elif kind == "step":
         step = _step(state, e)
         record = _attempt_record(step, "forward", e.attempt)

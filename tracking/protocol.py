@@ -13,7 +13,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
@@ -87,9 +87,12 @@ class EventV1(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class _Peek(msgspec.Struct):
-    """Read before validation: which version to decode, and the id to answer with."""
+    """Read before validation: which version to decode, and the id to answer with.
 
-    version: int = CURRENT_VERSION
+    An event without ``version`` is version 1, now and after later versions exist.
+    """
+
+    version: int = 1
     id: Any = None
 
 
@@ -123,7 +126,7 @@ class TooManyEvents(Exception):
 
 
 _NAMED = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]*)`")
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at (?:`[^`]*` in )?`\$(?P<path>[^`]*)`)?$", re.S)
 
 
 def _field_error(exc: msgspec.ValidationError) -> EventRejected:
@@ -171,7 +174,7 @@ def decode_event(raw: msgspec.Raw | bytes) -> EventV1:
     try:
         peek = msgspec.json.decode(raw, type=_Peek)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
-        peek = _Peek(version=CURRENT_VERSION)
+        peek = _Peek()
     try:
         return _decode(raw, peek.version)
     except EventRejected as exc:
@@ -262,6 +265,16 @@ def clean_payload(
             f"payload of {size} bytes replaced by a marker (limit {max_bytes})",
         )
     return payload, None
+
+
+def normalise_times(event: EventV1) -> EventV1:
+    """Times in UTC, as they are stored: the same instant written with another
+    offset is the same event (a duplicate, not a conflict)."""
+    return msgspec.structs.replace(
+        event,
+        occurred_at=event.occurred_at.astimezone(UTC),
+        deadline=event.deadline.astimezone(UTC) if event.deadline else None,
+    )
 
 
 def content_hash(event: EventV1) -> str:

@@ -389,3 +389,15 @@ def test_database_unreachable_is_503_with_retry_after(postgres, service_key, mak
     assert response["Retry-After"] == "5"
     assert "nothing was stored" in body["detail"]
     assert TelemetryEvent.objects.count() == 1
+
+
+def test_the_same_instant_with_another_offset_is_a_duplicate(api, make_event) -> None:
+    event = make_event("step.started", occurred_at="2026-11-26T10:00:00Z")
+    api.batch([event])
+    response = api.batch([{**event, "occurred_at": "2026-11-26T12:00:00+02:00"}])
+    assert response.json()["results"][0]["status"] == "duplicate"
+
+
+def test_an_overlong_attribute_key_is_named_as_attributes(api, make_event) -> None:
+    response = api.batch([make_event(attributes={"k" * 101: 1})])
+    assert [e["field"] for e in response.json()["results"][0]["errors"]] == ["attributes"]

@@ -181,3 +181,15 @@ def test_within_a_service_sequenced_events_fold_in_sequence_order(events) -> Non
     for service in ("order", "payment"):
         seqs = [e.sequence for e in ordered if e.service == service and e.sequence is not None]
         assert seqs == sorted(seqs)
+
+
+def test_compensating_again_after_a_failure_reopens_the_saga() -> None:
+    events = [
+        ev("saga.started", 0, saga_type="order"),
+        ev("saga.failed", 5),
+        ev("saga.compensating", 6),
+    ]
+    state = fold("s1", events, skew_threshold=SKEW)
+    assert state.status == "compensating"
+    assert state.ended_at is None
+    assert state.duration_ms is None

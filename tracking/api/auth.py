@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth.models import AnonymousUser
 from django.http import HttpRequest
 from rest_framework import authentication, exceptions, permissions
 
@@ -32,8 +33,6 @@ class ServiceKeyAuthentication(authentication.BaseAuthentication):
         key = service_key_authenticate(secret=token)
         if key is None:
             raise exceptions.AuthenticationFailed("The service key is unknown or revoked.")
-        from django.contrib.auth.models import AnonymousUser
-
         return AnonymousUser(), key
 
     def authenticate_header(self, request: Any) -> str:

@@ -10,7 +10,7 @@ import logging
 
 import msgspec
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -29,7 +29,7 @@ def _unavailable(exc: Exception) -> HttpResponse:
     return problem_response(
         503,
         "database-unavailable",
-        "The event store is unreachable; nothing was stored. Retry later.",
+        "The event store is unavailable right now; nothing was stored. Retry later.",
         headers={"Retry-After": retry},
     )
 
@@ -84,12 +84,8 @@ def events_view(request: HttpRequest) -> HttpResponse:
             str(exc),
             max_events=settings.SAGAADMIN["INGEST_MAX_EVENTS"],
         )
-    except (OperationalError, InterfaceError) as exc:
+    except (OperationalError, InterfaceError) as exc:  # connection refused, lost or timed out
         return _unavailable(exc)
-    except DatabaseError as exc:
-        if "connection" in str(exc).lower():
-            return _unavailable(exc)
-        raise
     body_out = {
         "accepted": result.count(ACCEPTED),
         "duplicates": result.count(DUPLICATE),

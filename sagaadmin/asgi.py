@@ -16,8 +16,7 @@ django_app = get_asgi_application()
 from django.conf import settings  # noqa: E402
 
 from sagaadmin.bodylimit import BodyLimitMiddleware  # noqa: E402
-
-websocket_urlpatterns: list = []  # the dashboard's live-update consumers join here
+from tracking.routing import websocket_urlpatterns  # noqa: E402
 
 application = BodyLimitMiddleware(
     ProtocolTypeRouter(

@@ -164,7 +164,9 @@ def _store_and_project(
         for s in Saga.objects.select_for_update()
         .filter(saga_id__in=saga_ids)
         .order_by("saga_id")
-        .only("id", "saga_id", "version", "event_count")
+        .only(
+            "id", "saga_id", "version", "event_count", "saga_type", "status", "flags", "started_at"
+        )
     }
     valid.sort(key=lambda v: v.event.id)  # one insert order everywhere: no deadlocks
     inserted = _insert_events(service, valid, received_at)

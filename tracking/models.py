@@ -28,6 +28,9 @@ class Service(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     last_event_at = models.DateTimeField(null=True, blank=True)
 
+    class Meta:
+        permissions = [("manage_keys", "Can create and revoke service keys")]
+
     def __str__(self) -> str:
         return self.name
 
@@ -158,6 +161,10 @@ class Saga(models.Model):
     version = models.PositiveBigIntegerField(default=0)
 
     class Meta:
+        permissions = [
+            ("act_on_saga", "Can run operator actions on sagas"),
+            ("terminate_saga", "Can terminate sagas and edit saga data"),
+        ]
         indexes = [
             models.Index(fields=["-started_at", "-id"], name="saga_started_idx"),
             models.Index(fields=["-last_event_at", "-id"], name="saga_activity_idx"),
@@ -204,3 +211,67 @@ class Step(models.Model):
 
     def __str__(self) -> str:
         return f"{self.saga_id}:{self.name}"
+
+
+class _Rollup(models.Model):
+    class Meta:
+        abstract = True
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}({self.pk})"
+
+
+class SagaCount(_Rollup):
+    """Rollup: sagas by (5-minute bucket of their start, type, current status).
+
+    Maintained without hot rows: ingest appends ``SagaCountDelta`` rows and
+    :func:`tracking.rollups.rollup_compact` folds them in (tracking/rollups.py).
+    """
+
+    bucket = models.DateTimeField()
+    saga_type = models.CharField(max_length=100, blank=True)
+    status = models.CharField(max_length=24)
+    flags = models.CharField(max_length=200, blank=True, default="")
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["bucket", "saga_type", "status", "flags"], name="saga_count_key"
+            )
+        ]
+
+
+class SagaCountDelta(_Rollup):
+    bucket = models.DateTimeField()
+    saga_type = models.CharField(max_length=100, blank=True)
+    status = models.CharField(max_length=24)
+    flags = models.CharField(max_length=200, blank=True, default="")
+    delta = models.IntegerField()
+
+
+class StepStat(_Rollup):
+    """Rollup: finished forward step attempts by (hour of end, type, step, duration bin)."""
+
+    bucket = models.DateTimeField()
+    saga_type = models.CharField(max_length=100, blank=True)
+    step = models.CharField(max_length=100)
+    bin = models.SmallIntegerField()
+    count = models.BigIntegerField(default=0)
+    failures = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["bucket", "saga_type", "step", "bin"], name="step_stat_key"
+            )
+        ]
+
+
+class StepStatDelta(_Rollup):
+    bucket = models.DateTimeField()
+    saga_type = models.CharField(max_length=100, blank=True)
+    step = models.CharField(max_length=100)
+    bin = models.SmallIntegerField()
+    count = models.IntegerField()
+    failures = models.IntegerField()

@@ -17,6 +17,13 @@ from django.db.models import Q
 
 from tracking.models import Saga, Step, TelemetryEvent, join_delimited
 from tracking.projection import FoldEvent, SagaState, fold
+from tracking.rollups import (
+    Contributions,
+    old_steps_get,
+    rollups_rebuild,
+    saga_contribution,
+    step_contribution,
+)
 
 SAGA_FIELDS = [
     "saga_type",
@@ -135,6 +142,8 @@ def read_model_refold(
     """
     assert transaction.get_connection().in_atomic_block
     threshold = skew_threshold()
+    contributions = Contributions()
+    old_steps = old_steps_get(saga_pks=[r.pk for r in sagas.values() if r.event_count > 0])
     states: list[SagaState] = []
     saga_objs: list[Saga] = []
     step_objs: list[Step] = []
@@ -150,6 +159,31 @@ def read_model_refold(
         if bump == "if_changed" and not _differs(row, values, steps):
             continue
         saga_objs.append(Saga(pk=row.pk, saga_id=saga_id, version=row.version + 1, **values))
+        contributions.add(
+            sign=-1,
+            saga=saga_contribution(
+                saga_type=row.saga_type,
+                status=row.status,
+                flags=row.flags,
+                started_at=row.started_at,
+                event_count=row.event_count,
+            ),
+            steps=step_contribution(saga_type=row.saga_type, steps=old_steps.get(row.pk, [])),
+        )
+        contributions.add(
+            sign=1,
+            saga=saga_contribution(
+                saga_type=state.saga_type,
+                status=state.status,
+                flags=str(values["flags"]),
+                started_at=state.started_at,
+                event_count=state.event_count,
+            ),
+            steps=step_contribution(
+                saga_type=state.saga_type,
+                steps=[(s.name, s.attempts) for s in state.steps.values()],
+            ),
+        )
         if row.event_count > 0 or bump == "if_changed":  # rows that may hold steps already
             had_rows.append(saga_objs[-1])
         step_objs += steps
@@ -169,6 +203,8 @@ def read_model_refold(
                 unique_fields=["saga", "name"],
                 update_fields=STEP_FIELDS,
             )
+        contributions.write()
+        notify_sagas_changed(versions=[(o.saga_id, o.version) for o in saga_objs])
     return states
 
 
@@ -228,4 +264,5 @@ def read_model_rebuild(*, saga_id: str | None = None, batch_size: int = 500) -> 
     if saga_id is not None:
         orphans = orphans.filter(saga_id=saga_id)
     counts["deleted"] = orphans.delete()[1].get(Saga._meta.label, 0)
+    rollups_rebuild()
     return counts

@@ -1,0 +1,25 @@
+"""Roles are groups (viewer, operator, admin); this module answers "who may do what"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROLE_ORDER = ("admin", "operator", "viewer")
+
+
+def user_role(user: Any) -> str | None:
+    """The user's strongest role, or None when they have none (no access)."""
+    if not getattr(user, "is_authenticated", False):
+        return None
+    if user.is_superuser:
+        return "admin"
+    names = set(user.groups.values_list("name", flat=True))
+    return next((role for role in ROLE_ORDER if role in names), None)
+
+
+def can_view(user: Any) -> bool:
+    return bool(getattr(user, "is_authenticated", False)) and user.has_perm("tracking.view_saga")
+
+
+def can_manage_keys(user: Any) -> bool:
+    return bool(getattr(user, "is_authenticated", False)) and user.has_perm("tracking.manage_keys")

@@ -1,0 +1,17 @@
+from django.urls import path, re_path
+
+from tracking import views
+
+urlpatterns = [
+    path("", views.overview_page, name="overview"),
+    path("sagas/", views.saga_list_page, name="saga-list"),
+    path("live/saga-rows", views.saga_rows_fragment, name="saga-rows"),
+    re_path(r"^sagas/(?P<saga_id>.+)$", views.saga_detail_page, name="saga-detail"),
+    path("services/", views.services_page, name="services"),
+    path("services/keys", views.service_key_create_view, name="service-key-create"),
+    path(
+        "services/keys/<str:prefix>/revoke",
+        views.service_key_revoke_view,
+        name="service-key-revoke",
+    ),
+]

@@ -105,3 +105,21 @@ def user_client(db: None) -> Iterator[Client]:
     client = Client()
     client.force_login(user)
     yield client
+
+
+@pytest.fixture
+def role_client(db: None) -> Callable[[str | None], Client]:
+    """A logged-in client whose user has the given role (None: no role at all)."""
+    from django.contrib.auth.models import Group
+
+    def make(role: str | None) -> Client:
+        user = get_user_model().objects.create_user(
+            f"user-{role}-{next(_ids)}", password="pw-x-12345"
+        )
+        if role:
+            user.groups.add(Group.objects.get(name=role))
+        client = Client()
+        client.force_login(user)
+        return client
+
+    return make

@@ -20,7 +20,6 @@ from tracking.models import SagaStatus, Service, ServiceKey
 from tracking.overview import WINDOWS, overview_get
 from tracking.roles import can_manage_keys, can_view
 from tracking.selectors import (
-    SORTS,
     InvalidFilter,
     SagaFilter,
     saga_events_list,
@@ -79,12 +78,13 @@ def saga_list_page(request: HttpRequest) -> HttpResponse:
         query = request.GET.copy()
         query["cursor"] = page.next_cursor
         next_query = query.urlencode()
+    # a sortable column header toggles between descending and ascending
     sort_links = {}
-    for key in SORTS:
+    for column in ("started_at", "last_event_at"):
         query = request.GET.copy()
         query.pop("cursor", None)
-        query["sort"] = key
-        sort_links[key] = query.urlencode()
+        query["sort"] = column if sort == f"-{column}" else f"-{column}"
+        sort_links[column] = query.urlencode()
     context = {
         "sagas": page.sagas if page else [],
         "error": error,

@@ -1,0 +1,136 @@
+"""Dashboard pages: roles, filters in the URL, keyset pages, escaping, keys."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.test import Client
+
+from tests.tracking.test_read_api import saga_events
+from tracking.models import ServiceKey
+
+PAGES = ["/", "/sagas/", "/services/"]
+
+
+@pytest.fixture
+def sagas(api) -> None:
+    events = []
+    for i in range(5):
+        events += saga_events(f"order-{i}", i, attrs={"order_id": i})
+    events += saga_events("stuck-1", 10, status="running")
+    assert api.batch(events).json()["rejected"] == 0
+
+
+@pytest.mark.parametrize("url", PAGES)
+def test_every_page_needs_a_login(db, url) -> None:
+    response = Client().get(url)
+    assert response.status_code == 302
+    assert response["Location"].startswith("/login/")
+
+
+@pytest.mark.parametrize("url", PAGES)
+def test_a_user_without_a_role_is_refused(role_client, url) -> None:
+    assert role_client(None).get(url).status_code == 403
+
+
+@pytest.mark.parametrize("role", ["viewer", "operator", "admin"])
+@pytest.mark.parametrize("url", PAGES)
+def test_every_role_sees_every_page_and_its_name_in_the_header(
+    role_client, sagas, url, role
+) -> None:
+    response = role_client(role).get(url)
+    assert response.status_code == 200
+    assert f'class="role role-{role}">{role}<' in response.content.decode()
+
+
+def test_the_list_filters_from_the_url(role_client, sagas) -> None:
+    html = role_client("viewer").get("/sagas/?status=running").content.decode()
+    assert "stuck-1" in html
+    assert "order-0" not in html
+    html = role_client("viewer").get("/sagas/?attr=order_id%3D3").content.decode()
+    assert re.findall(r'data-saga-id="([^"]+)"', html) == ["order-3"]
+
+
+def test_a_bad_filter_is_shown_not_raised(role_client, sagas) -> None:
+    response = role_client("viewer").get("/sagas/?attr=nonsense")
+    assert response.status_code == 400
+    assert "key=value" in response.content.decode()
+
+
+def test_list_pages_follow_the_keyset_cursor(role_client, sagas) -> None:
+    client = role_client("viewer")
+    from tracking import selectors
+
+    first = client.get("/sagas/?sort=started_at")
+    ids = re.findall(r'data-saga-id="([^"]+)"', first.content.decode())
+    assert ids[:2] == ["order-0", "order-1"]
+    assert 'rel="next"' not in first.content.decode()  # 6 sagas fit in one page of 50
+    page = selectors.saga_list(filters=selectors.SagaFilter(), sort="started_at", limit=4)
+    second = client.get(f"/sagas/?sort=started_at&cursor={page.next_cursor}")
+    assert re.findall(r'data-saga-id="([^"]+)"', second.content.decode()) == ["order-4", "stuck-1"]
+
+
+def test_live_rows_fragment_renders_the_same_row_as_the_page(role_client, sagas) -> None:
+    client = role_client("viewer")
+    page = client.get("/sagas/").content.decode()
+    fragment = client.get("/live/saga-rows?id=order-2").content.decode()
+    row = re.search(r'<tr id="row-\d+" data-saga-id="order-2".*?</tr>', fragment, re.S)
+    assert row is not None
+    assert row.group(0) in page
+
+
+def test_the_detail_page_shows_the_timeline_and_events(role_client, sagas) -> None:
+    html = role_client("viewer").get("/sagas/order-1").content.decode()
+    assert 'class="lane-name"><strong>charge</strong>' in html
+    assert "saga.completed" in html
+    assert 'data-version="1"' in html
+
+
+def test_markup_in_reported_strings_is_escaped(api, role_client) -> None:
+    script = "<script>alert(1)</script>"
+    api.batch(
+        [
+            {
+                "id": "x",
+                "saga_id": script,
+                "type": "step.failed",
+                "step": script,
+                "occurred_at": "2026-11-26T10:00:00Z",
+                "payload": {"h": script},
+                "error": {"type": script, "message": script},
+            }
+        ]
+    )
+    client = role_client("viewer")
+    for url in ["/sagas/", f"/sagas/{script}"]:
+        html = client.get(url).content.decode()
+        assert script not in html
+        assert "&lt;script&gt;" in html
+
+
+def test_only_admins_create_and_revoke_keys(role_client) -> None:
+    assert role_client("operator").post("/services/keys", {"service": "billing"}).status_code == 403
+    admin = role_client("admin")
+    response = admin.post("/services/keys", {"service": "billing"}, follow=True)
+    html = response.content.decode()
+    secret = re.search(r'id="new-key" class="mono">(sa_[^<]+)<', html).group(1)
+    assert "not shown again" in html
+    assert secret not in admin.get("/services/").content.decode()  # shown once
+    key = ServiceKey.objects.get(service__name="billing")
+    assert role_client("operator").post(f"/services/keys/{key.prefix}/revoke").status_code == 403
+    admin.post(f"/services/keys/{key.prefix}/revoke")
+    key.refresh_from_db()
+    assert key.revoked_at is not None
+
+
+def test_a_bad_service_name_is_a_clear_error(role_client) -> None:
+    response = role_client("admin").post("/services/keys", {"service": "no spaces!"})
+    assert response.status_code == 400
+    assert "letters, digits" in response.content.decode()
+
+
+def test_the_empty_list_tells_how_to_send_the_first_event(role_client) -> None:
+    html = role_client("viewer").get("/sagas/").content.decode()
+    assert "No sagas yet" in html
+    assert "/api/v1/events" in html

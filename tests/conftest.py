@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -123,3 +125,24 @@ def role_client(db: None) -> Callable[[str | None], Client]:
         return client
 
     return make
+
+
+@contextmanager
+def database_away() -> Iterator[None]:
+    """Point the default connection at a port nothing listens on (PostgreSQL only)."""
+    settings_dict = connection.settings_dict
+    saved = copy.deepcopy(settings_dict)
+    connection.close()
+    if hasattr(connection, "close_pool"):
+        connection.close_pool()
+    settings_dict["PORT"] = "1"
+    if "pool" in settings_dict.get("OPTIONS", {}):
+        settings_dict["OPTIONS"]["pool"] = {**settings_dict["OPTIONS"]["pool"], "timeout": 1}
+    try:
+        yield
+    finally:
+        connection.close()
+        if hasattr(connection, "close_pool"):
+            connection.close_pool()
+        settings_dict.clear()
+        settings_dict.update(saved)

@@ -4,6 +4,8 @@ import pytest
 from django.db import connection
 from django.test import Client
 
+from tests.conftest import database_away
+
 
 def test_healthz_answers_without_the_database() -> None:
     assert Client().get("/healthz").json() == {"status": "ok"}
@@ -18,14 +20,8 @@ def test_readyz_reports_the_database() -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_readyz_is_503_when_the_database_is_away(postgres) -> None:
-    saved = dict(connection.settings_dict)
-    connection.close()
-    connection.settings_dict["PORT"] = "1"
-    try:
+    with database_away():
         response = Client().get("/readyz")
-    finally:
-        connection.close()
-        connection.settings_dict.update(saved)
     assert response.status_code == 503
     assert response["Retry-After"]
 

@@ -6,9 +6,9 @@ import json
 from typing import Any
 
 import pytest
-from django.db import connection
 from django.test import Client
 
+from tests.conftest import database_away
 from tracking.models import Saga, TelemetryEvent
 from tracking.protocol import EVENT_TYPES
 
@@ -370,21 +370,13 @@ def test_database_unreachable_is_503_with_retry_after(postgres, service_key, mak
         HTTP_AUTHORIZATION=f"Bearer {service_key.secret}",
     )
     assert ok.status_code == 200
-    settings_dict = connection.settings_dict
-    saved = dict(settings_dict)
-    connection.close()
-    settings_dict["PORT"] = "1"  # nothing listens there
-    try:
+    with database_away():
         response = client.post(
             "/api/v1/events",
             data=make_event(),
             content_type="application/json",
             HTTP_AUTHORIZATION=f"Bearer {service_key.secret}",
         )
-    finally:
-        connection.close()
-        settings_dict.clear()
-        settings_dict.update(saved)
     body = _assert_problem(response, 503)
     assert response["Retry-After"] == "5"
     assert "nothing was stored" in body["detail"]

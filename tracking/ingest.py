@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import msgspec
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 
+from tracking.bulk import insert_ignore_returning
 from tracking.models import Saga, Service, TelemetryEvent
 from tracking.projection import FoldEvent
 from tracking.protocol import (
@@ -133,7 +133,7 @@ def events_ingest(
     valid, results = _validate(raws, service)
     changed: list[str] = []
     if valid:
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             changed = _store_and_project(service, valid, received_at, results)
             if changed:
                 transaction.on_commit(lambda: service_touch(service=service, at=received_at))
@@ -222,7 +222,7 @@ def _fold_event(e: EventV1, received_at: datetime) -> FoldEvent:
 
 
 _COLUMNS = (
-    "service_id",
+    "service",
     "event_id",
     "protocol_version",
     "saga_id",
@@ -243,22 +243,15 @@ _COLUMNS = (
     "span_id",
     "content_hash",
 )
-_FIELDS = {f.column: f for f in TelemetryEvent._meta.concrete_fields}
 
 
 def _insert_events(service: Service, valid: list[_Valid], received_at: datetime) -> set[str]:
-    """INSERT ... ON CONFLICT DO NOTHING RETURNING: the ids this call stored."""
-    table = connection.ops.quote_name(TelemetryEvent._meta.db_table)
-    columns = ", ".join(connection.ops.quote_name(c) for c in _COLUMNS)
-    row_sql = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
-    prep = [_FIELDS[c] for c in _COLUMNS]
-    inserted: set[str] = set()
-    for start in range(0, len(valid), 1000):
-        chunk = valid[start : start + 1000]
-        params: list[Any] = []
-        for v in chunk:
-            e = v.event
-            raw = (
+    """Store the events; return the ids this call stored (the rest already existed)."""
+    rows = []
+    for v in valid:
+        e = v.event
+        rows.append(
+            (
                 service.pk,
                 e.id,
                 e.version,
@@ -280,14 +273,9 @@ def _insert_events(service: Service, valid: list[_Valid], received_at: datetime)
                 e.span_id,
                 v.hash,
             )
-            params += [
-                f.get_db_prep_save(value, connection) for f, value in zip(prep, raw, strict=True)
-            ]
-        sql = (
-            f"INSERT INTO {table} ({columns}) VALUES {', '.join([row_sql] * len(chunk))} "  # noqa: S608
-            "ON CONFLICT (service_id, event_id) DO NOTHING RETURNING event_id"
         )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            inserted.update(row[0] for row in cursor.fetchall())
-    return inserted
+    return set(
+        insert_ignore_returning(
+            TelemetryEvent, _COLUMNS, rows, conflict=("service", "event_id"), returning="event_id"
+        )
+    )

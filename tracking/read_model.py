@@ -15,6 +15,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 
+from tracking.bulk import upsert
 from tracking.live import notify_sagas_changed
 from tracking.models import Saga, Step, TelemetryEvent, join_delimited
 from tracking.projection import FoldEvent, SagaState, fold
@@ -189,21 +190,25 @@ def read_model_refold(
             had_rows.append(saga_objs[-1])
         step_objs += steps
     if saga_objs:
-        Saga.objects.bulk_create(
-            saga_objs,
-            update_conflicts=True,
-            unique_fields=["saga_id"],
-            update_fields=[*SAGA_FIELDS, "version"],
+        upsert(
+            Saga,
+            ["id", "saga_id", "version", *SAGA_FIELDS],
+            [
+                [o.pk, o.saga_id, o.version, *(getattr(o, f) for f in SAGA_FIELDS)]
+                for o in saga_objs
+            ],
+            conflict=["saga_id"],
+            update=[*SAGA_FIELDS, "version"],
         )
         if had_rows:
             _delete_stale_steps(had_rows, step_objs)
-        if step_objs:
-            Step.objects.bulk_create(
-                step_objs,
-                update_conflicts=True,
-                unique_fields=["saga", "name"],
-                update_fields=STEP_FIELDS,
-            )
+        upsert(
+            Step,
+            ["saga", "name", *STEP_FIELDS],
+            [[s.saga_id, s.name, *(getattr(s, f) for f in STEP_FIELDS)] for s in step_objs],
+            conflict=["saga", "name"],
+            update=STEP_FIELDS,
+        )
         contributions.write()
         notify_sagas_changed(versions=[(o.saga_id, o.version) for o in saga_objs])
     return states

@@ -26,6 +26,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils.dateparse import parse_datetime
 
+from tracking.bulk import append
 from tracking.models import Saga, SagaCount, SagaCountDelta, Step, StepStat, StepStatDelta
 
 SAGA_BUCKET = timedelta(minutes=5)
@@ -102,27 +103,20 @@ class Contributions:
             self.failures[step_key] += sign * n
 
     def write(self) -> None:
-        saga_rows = [
-            SagaCountDelta(bucket=k[0], saga_type=k[1], status=k[2], flags=k[3], delta=n)
-            for k, n in self.sagas.items()
-            if n
-        ]
-        step_rows = [
-            StepStatDelta(
-                bucket=k[0],
-                saga_type=k[1],
-                step=k[2],
-                bin=k[3],
-                count=n,
-                failures=self.failures.get(k, 0),
-            )
-            for k, n in self.steps.items()
-            if n or self.failures.get(k, 0)
-        ]
-        if saga_rows:
-            SagaCountDelta.objects.bulk_create(saga_rows)
-        if step_rows:
-            StepStatDelta.objects.bulk_create(step_rows)
+        append(
+            SagaCountDelta,
+            ["bucket", "saga_type", "status", "flags", "delta"],
+            [(*k, n) for k, n in self.sagas.items() if n],
+        )
+        append(
+            StepStatDelta,
+            ["bucket", "saga_type", "step", "bin", "count", "failures"],
+            [
+                (*k, n, self.failures.get(k, 0))
+                for k, n in self.steps.items()
+                if n or self.failures.get(k, 0)
+            ],
+        )
 
 
 def old_steps_get(*, saga_pks: list[int]) -> dict[int, list[tuple[str, list[dict[str, Any]]]]]:

@@ -1,0 +1,166 @@
+"""Bulk writes that stay fast on PostgreSQL and correct everywhere.
+
+On PostgreSQL rows travel by ``COPY`` (into the table, or into a temporary
+staging table followed by one ``INSERT ... SELECT ... ON CONFLICT``): building
+one huge parameterised statement costs more Python time than the database
+needs to store the rows (docs/decisions/0007-copy-for-bulk-writes.md). On
+other databases the same calls use the ORM's bulk operations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from django.db import connection, models
+
+Row = Sequence[Any]
+
+
+def _is_pg() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def _fields(model: type[models.Model], columns: Sequence[str]) -> list[models.Field[Any, Any]]:
+    return [_field(model, c) for c in columns]
+
+
+def _field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
+    field = model._meta.get_field(name)
+    assert isinstance(field, models.Field)
+    return field
+
+
+def _instances(
+    model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]
+) -> list[models.Model]:
+    names = [f.attname for f in _fields(model, columns)]
+    return [model(**dict(zip(names, row, strict=True))) for row in rows]
+
+
+def _copy_value(field: models.Field[Any, Any], value: Any) -> Any:
+    if value is not None and isinstance(field, models.JSONField):
+        return msgspec.json.encode(value).decode()
+    return value
+
+
+def _column(field: models.Field[Any, Any]) -> str:
+    return connection.ops.quote_name(field.column or field.name)
+
+
+def _stage(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]) -> str:
+    """COPY rows into a per-connection temporary table shaped like ``model``'s columns."""
+    fields = _fields(model, columns)
+    table = connection.ops.quote_name(model._meta.db_table)
+    names = ", ".join(_column(f) for f in fields)
+    tag = hashlib.sha1(f"{model._meta.db_table}:{names}".encode(), usedforsecurity=False)
+    stage = f"stage_{tag.hexdigest()[:12]}"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "  # noqa: S608
+            f"SELECT {names} FROM {table} WITH NO DATA"
+        )
+        cursor.execute(f"TRUNCATE {stage}")
+        with cursor.cursor.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row([_copy_value(f, v) for f, v in zip(fields, row, strict=True)])
+    return stage
+
+
+def insert_ignore_returning(
+    model: type[models.Model],
+    columns: Sequence[str],
+    rows: Sequence[Row],
+    *,
+    conflict: Sequence[str],
+    returning: str,
+) -> list[Any]:
+    """INSERT rows, skipping conflicts on ``conflict``; return ``returning`` of the stored ones.
+
+    Rows are inserted in the order given (callers sort them, so concurrent
+    inserters take unique-index locks in one order and cannot deadlock).
+    """
+    if not rows:
+        return []
+    fields = _fields(model, columns)
+    table = connection.ops.quote_name(model._meta.db_table)
+    names = ", ".join(_column(f) for f in fields)
+    on = ", ".join(_column(_field(model, c)) for c in conflict)
+    back = _column(_field(model, returning))
+    out: list[Any] = []
+    if _is_pg():
+        stage = _stage(model, columns, rows)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "  # noqa: S608
+                f"ORDER BY ctid ON CONFLICT ({on}) DO NOTHING RETURNING {back}"
+            )
+            return [r[0] for r in cursor.fetchall()]
+    row_sql = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    for start in range(0, len(rows), 500):
+        chunk = rows[start : start + 500]
+        params = [
+            f.get_db_prep_save(v, connection)
+            for row in chunk
+            for f, v in zip(fields, row, strict=True)
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} ({names}) VALUES {', '.join([row_sql] * len(chunk))} "  # noqa: S608
+                f"ON CONFLICT ({on}) DO NOTHING RETURNING {back}",
+                params,
+            )
+            out += [r[0] for r in cursor.fetchall()]
+    return out
+
+
+def upsert(
+    model: type[models.Model],
+    columns: Sequence[str],
+    rows: Sequence[Row],
+    *,
+    conflict: Sequence[str],
+    update: Sequence[str],
+) -> None:
+    """INSERT rows, or UPDATE ``update`` columns of the rows that exist (by ``conflict``)."""
+    if not rows:
+        return
+    if not _is_pg():
+        objs = _instances(model, columns, rows)
+        model._default_manager.bulk_create(  # type: ignore[attr-defined]
+            objs, update_conflicts=True, unique_fields=list(conflict), update_fields=list(update)
+        )
+        return
+    fields = _fields(model, columns)
+    table = connection.ops.quote_name(model._meta.db_table)
+    names = ", ".join(_column(f) for f in fields)
+    on = ", ".join(_column(_field(model, c)) for c in conflict)
+    sets = ", ".join(f"{_column(f)} = EXCLUDED.{_column(f)}" for f in _fields(model, update))
+    stage = _stage(model, columns, rows)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "  # noqa: S608
+            f"ORDER BY ctid ON CONFLICT ({on}) DO UPDATE SET {sets}"
+        )
+
+
+def append(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]) -> None:
+    """Append rows to an insert-only table."""
+    if not rows:
+        return
+    if not _is_pg():
+        model._default_manager.bulk_create(  # type: ignore[attr-defined]
+            _instances(model, columns, rows)
+        )
+        return
+    fields = _fields(model, columns)
+    table = connection.ops.quote_name(model._meta.db_table)
+    names = ", ".join(_column(f) for f in fields)
+    with (
+        connection.cursor() as cursor,
+        cursor.cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy,
+    ):
+        for row in rows:
+            copy.write_row([_copy_value(f, v) for f, v in zip(fields, row, strict=True)])

@@ -40,10 +40,20 @@ def _instances(
     return [model(**dict(zip(names, row, strict=True))) for row in rows]
 
 
-def _copy_value(field: models.Field[Any, Any], value: Any) -> Any:
-    if value is not None and isinstance(field, models.JSONField):
-        return msgspec.json.encode(value).decode()
-    return value
+def _copy(
+    cursor: Any, table: str, names: str, fields: list[models.Field[Any, Any]], rows: Sequence[Row]
+) -> None:
+    """COPY rows in text format; JSON columns go as their encoded text."""
+    json_columns = [i for i, f in enumerate(fields) if isinstance(f, models.JSONField)]
+    encode = msgspec.json.encode
+    with cursor.cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+        for row in rows:
+            if json_columns:
+                row = list(row)
+                for i in json_columns:
+                    if row[i] is not None:
+                        row[i] = encode(row[i]).decode()
+            copy.write_row(row)
 
 
 def _column(field: models.Field[Any, Any]) -> str:
@@ -63,9 +73,7 @@ def _stage(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row
             f"SELECT {names} FROM {table} WITH NO DATA"
         )
         cursor.execute(f"TRUNCATE {stage}")
-        with cursor.cursor.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row([_copy_value(f, v) for f, v in zip(fields, row, strict=True)])
+        _copy(cursor, stage, names, fields, rows)
     return stage
 
 
@@ -158,9 +166,5 @@ def append(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row
     fields = _fields(model, columns)
     table = connection.ops.quote_name(model._meta.db_table)
     names = ", ".join(_column(f) for f in fields)
-    with (
-        connection.cursor() as cursor,
-        cursor.cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy,
-    ):
-        for row in rows:
-            copy.write_row([_copy_value(f, v) for f, v in zip(fields, row, strict=True)])
+    with connection.cursor() as cursor:
+        _copy(cursor, table, names, fields, rows)

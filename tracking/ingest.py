@@ -158,7 +158,13 @@ def _store_and_project(
     service: Service, valid: list[_Valid], received_at: datetime, results: dict[int, EventResult]
 ) -> list[str]:
     saga_ids = sorted({v.event.saga_id for v in valid})
-    Saga.objects.bulk_create([Saga(saga_id=s) for s in saga_ids], ignore_conflicts=True)
+    insert_ignore_returning(
+        Saga,
+        _NEW_SAGA_COLUMNS,
+        [(s, *_NEW_SAGA) for s in saga_ids],
+        conflict=("saga_id",),
+        returning="saga_id",
+    )
     sagas = {
         s.saga_id: s
         for s in Saga.objects.select_for_update()
@@ -200,6 +206,24 @@ def _store_and_project(
     if empty:  # rows created above for sagas whose every event was a conflict
         Saga.objects.filter(saga_id__in=empty, event_count=0).delete()
     return sorted(new_by_saga)
+
+
+# A saga row before its first fold: the NOT NULL columns with their defaults.
+_NEW_SAGA_COLUMNS = (
+    "saga_id",
+    "saga_type",
+    "status",
+    "current_step",
+    "idempotency_key",
+    "attributes",
+    "services",
+    "trace_ids",
+    "flags",
+    "anomalies",
+    "event_count",
+    "version",
+)
+_NEW_SAGA: tuple[object, ...] = ("", "running", "", "", {}, "", [], "", [], 0, 0)
 
 
 def _fold_event(e: EventV1, received_at: datetime) -> FoldEvent:

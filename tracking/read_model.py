@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import UTC, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -126,10 +127,9 @@ def stored_events_get(*, saga_ids: Iterable[str]) -> dict[str, list[FoldEvent]]:
 
 
 def saga_row_values(state: SagaState) -> dict[str, object]:
-    values = {name: getattr(state, name) for name in SAGA_FIELDS}
-    values["flags"] = join_delimited(state.flags)
-    values["services"] = join_delimited(state.services)
-    return values
+    """Column values in ``SAGA_FIELDS`` order."""
+    special = {"flags": join_delimited(state.flags), "services": join_delimited(state.services)}
+    return {name: special.get(name, getattr(state, name)) for name in SAGA_FIELDS}
 
 
 def read_model_refold(
@@ -147,20 +147,19 @@ def read_model_refold(
     contributions = Contributions()
     old_steps = old_steps_get(saga_pks=[r.pk for r in sagas.values() if r.event_count > 0])
     states: list[SagaState] = []
-    saga_objs: list[Saga] = []
-    step_objs: list[Step] = []
-    had_rows: list[Saga] = []
+    saga_rows: list[list[Any]] = []
+    step_rows: list[list[Any]] = []
+    had_steps: list[int] = []
     for saga_id, row in sagas.items():
         state = fold(saga_id, events.get(saga_id, ()), skew_threshold=threshold)
         states.append(state)
         values = saga_row_values(state)
         steps = [
-            Step(saga_id=row.pk, name=s.name, **{f: getattr(s, f) for f in STEP_FIELDS})
-            for s in state.steps.values()
+            [row.pk, s.name, *(getattr(s, f) for f in STEP_FIELDS)] for s in state.steps.values()
         ]
         if bump == "if_changed" and not _differs(row, values, steps):
             continue
-        saga_objs.append(Saga(pk=row.pk, saga_id=saga_id, version=row.version + 1, **values))
+        saga_rows.append([row.pk, saga_id, row.version + 1, *values.values()])
         contributions.add(
             sign=-1,
             saga=saga_contribution(
@@ -187,34 +186,31 @@ def read_model_refold(
             ),
         )
         if row.event_count > 0 or bump == "if_changed":  # rows that may hold steps already
-            had_rows.append(saga_objs[-1])
-        step_objs += steps
-    if saga_objs:
+            had_steps.append(row.pk)
+        step_rows += steps
+    if saga_rows:
         upsert(
             Saga,
             ["id", "saga_id", "version", *SAGA_FIELDS],
-            [
-                [o.pk, o.saga_id, o.version, *(getattr(o, f) for f in SAGA_FIELDS)]
-                for o in saga_objs
-            ],
+            saga_rows,
             conflict=["saga_id"],
             update=[*SAGA_FIELDS, "version"],
         )
-        if had_rows:
-            _delete_stale_steps(had_rows, step_objs)
+        if had_steps:
+            _delete_stale_steps(had_steps, step_rows)
         upsert(
             Step,
             ["saga", "name", *STEP_FIELDS],
-            [[s.saga_id, s.name, *(getattr(s, f) for f in STEP_FIELDS)] for s in step_objs],
+            step_rows,
             conflict=["saga", "name"],
             update=STEP_FIELDS,
         )
         contributions.write()
-        notify_sagas_changed(versions=[(o.saga_id, o.version) for o in saga_objs])
+        notify_sagas_changed(versions=[(r[1], r[2]) for r in saga_rows])
     return states
 
 
-def _delete_stale_steps(sagas: list[Saga], steps: list[Step]) -> None:
+def _delete_stale_steps(saga_pks: list[int], steps: list[list[Any]]) -> None:
     """Drop step rows the new fold no longer has.
 
     A step can vanish when a late event reorders the timeline and turns the
@@ -222,20 +218,20 @@ def _delete_stale_steps(sagas: list[Saga], steps: list[Step]) -> None:
     """
     names: dict[int, list[str]] = defaultdict(list)
     for step in steps:
-        names[step.saga_id].append(step.name)
+        names[step[0]].append(step[1])
     stale = Q()
-    for saga in sagas:
-        stale |= Q(saga_id=saga.pk) & ~Q(name__in=names.get(saga.pk, []))
+    for pk in saga_pks:
+        stale |= Q(saga_id=pk) & ~Q(name__in=names.get(pk, []))
     Step.objects.filter(stale).delete()
 
 
-def _differs(row: Saga, values: dict[str, object], steps: list[Step]) -> bool:
+def _differs(row: Saga, values: dict[str, object], steps: list[list[Any]]) -> bool:
     if any(getattr(row, k) != v for k, v in values.items()):
         return True
-    current = {s.name: s for s in row.steps.all()}
-    if set(current) != {s.name for s in steps}:
-        return True
-    return any(getattr(current[s.name], f) != getattr(s, f) for s in steps for f in STEP_FIELDS)
+    current = {
+        s.name: [row.pk, s.name, *(getattr(s, f) for f in STEP_FIELDS)] for s in row.steps.all()
+    }
+    return current != {str(s[1]): s for s in steps}
 
 
 def read_model_rebuild(*, saga_id: str | None = None, batch_size: int = 500) -> dict[str, int]:

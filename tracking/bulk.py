@@ -33,13 +33,6 @@ def _field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
     return field
 
 
-def _instances(
-    model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]
-) -> list[models.Model]:
-    names = [f.attname for f in _fields(model, columns)]
-    return [model(**dict(zip(names, row, strict=True))) for row in rows]
-
-
 def _copy(
     cursor: Any, table: str, names: str, fields: list[models.Field[Any, Any]], rows: Sequence[Row]
 ) -> None:
@@ -77,15 +70,13 @@ def _stage(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row
     return stage
 
 
-def insert_ignore_returning(
-    model: type[models.Model],
-    columns: Sequence[str],
-    rows: Sequence[Row],
-    *,
-    conflict: Sequence[str],
-    returning: str,
+COPY_MIN_ROWS = 64  # below this, one multi-row VALUES statement is fewer round trips
+
+
+def _insert(
+    model: type[models.Model], columns: Sequence[str], rows: Sequence[Row], suffix: str
 ) -> list[Any]:
-    """INSERT rows, skipping conflicts on ``conflict``; return ``returning`` of the stored ones.
+    """``INSERT INTO table (columns) <rows> <suffix>``; the rows' RETURNING values.
 
     Rows are inserted in the order given (callers sort them, so concurrent
     inserters take unique-index locks in one order and cannot deadlock).
@@ -95,17 +86,16 @@ def insert_ignore_returning(
     fields = _fields(model, columns)
     table = connection.ops.quote_name(model._meta.db_table)
     names = ", ".join(_column(f) for f in fields)
-    on = ", ".join(_column(_field(model, c)) for c in conflict)
-    back = _column(_field(model, returning))
-    out: list[Any] = []
-    if _is_pg():
+    returns = "RETURNING" in suffix
+    if _is_pg() and len(rows) >= COPY_MIN_ROWS:
         stage = _stage(model, columns, rows)
         with connection.cursor() as cursor:
             cursor.execute(
                 f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "  # noqa: S608
-                f"ORDER BY ctid ON CONFLICT ({on}) DO NOTHING RETURNING {back}"
+                f"ORDER BY ctid {suffix}"
             )
-            return [r[0] for r in cursor.fetchall()]
+            return [r[0] for r in cursor.fetchall()] if returns else []
+    out: list[Any] = []
     row_sql = "(" + ", ".join(["%s"] * len(fields)) + ")"
     for start in range(0, len(rows), 500):
         chunk = rows[start : start + 500]
@@ -116,12 +106,27 @@ def insert_ignore_returning(
         ]
         with connection.cursor() as cursor:
             cursor.execute(
-                f"INSERT INTO {table} ({names}) VALUES {', '.join([row_sql] * len(chunk))} "  # noqa: S608
-                f"ON CONFLICT ({on}) DO NOTHING RETURNING {back}",
+                f"INSERT INTO {table} ({names}) VALUES "  # noqa: S608
+                f"{', '.join([row_sql] * len(chunk))} {suffix}",
                 params,
             )
-            out += [r[0] for r in cursor.fetchall()]
+            if returns:
+                out += [r[0] for r in cursor.fetchall()]
     return out
+
+
+def insert_ignore_returning(
+    model: type[models.Model],
+    columns: Sequence[str],
+    rows: Sequence[Row],
+    *,
+    conflict: Sequence[str],
+    returning: str,
+) -> list[Any]:
+    """INSERT rows, skipping conflicts on ``conflict``; return ``returning`` of the stored ones."""
+    on = ", ".join(_column(_field(model, c)) for c in conflict)
+    back = _column(_field(model, returning))
+    return _insert(model, columns, rows, f"ON CONFLICT ({on}) DO NOTHING RETURNING {back}")
 
 
 def upsert(
@@ -133,38 +138,11 @@ def upsert(
     update: Sequence[str],
 ) -> None:
     """INSERT rows, or UPDATE ``update`` columns of the rows that exist (by ``conflict``)."""
-    if not rows:
-        return
-    if not _is_pg():
-        objs = _instances(model, columns, rows)
-        model._default_manager.bulk_create(  # type: ignore[attr-defined]
-            objs, update_conflicts=True, unique_fields=list(conflict), update_fields=list(update)
-        )
-        return
-    fields = _fields(model, columns)
-    table = connection.ops.quote_name(model._meta.db_table)
-    names = ", ".join(_column(f) for f in fields)
     on = ", ".join(_column(_field(model, c)) for c in conflict)
     sets = ", ".join(f"{_column(f)} = EXCLUDED.{_column(f)}" for f in _fields(model, update))
-    stage = _stage(model, columns, rows)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "  # noqa: S608
-            f"ORDER BY ctid ON CONFLICT ({on}) DO UPDATE SET {sets}"
-        )
+    _insert(model, columns, rows, f"ON CONFLICT ({on}) DO UPDATE SET {sets}")
 
 
 def append(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]) -> None:
     """Append rows to an insert-only table."""
-    if not rows:
-        return
-    if not _is_pg():
-        model._default_manager.bulk_create(  # type: ignore[attr-defined]
-            _instances(model, columns, rows)
-        )
-        return
-    fields = _fields(model, columns)
-    table = connection.ops.quote_name(model._meta.db_table)
-    names = ", ".join(_column(f) for f in fields)
-    with connection.cursor() as cursor:
-        _copy(cursor, table, names, fields, rows)
+    _insert(model, columns, rows, "")

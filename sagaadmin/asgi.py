@@ -16,17 +16,21 @@ django_app = get_asgi_application()
 from django.conf import settings  # noqa: E402
 
 from sagaadmin.bodylimit import BodyLimitMiddleware  # noqa: E402
+from tracking.api.fastpath import IngestRouter  # noqa: E402
 from tracking.routing import websocket_urlpatterns  # noqa: E402
 
+router = ProtocolTypeRouter(
+    {
+        "http": django_app,
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+        ),
+    }
+)
+if settings.SAGAADMIN["INGEST_FASTPATH"]:
+    router = IngestRouter(router)
 application = BodyLimitMiddleware(
-    ProtocolTypeRouter(
-        {
-            "http": django_app,
-            "websocket": AllowedHostsOriginValidator(
-                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-            ),
-        }
-    ),
+    router,
     limit=settings.SAGAADMIN["INGEST_MAX_BODY_BYTES"],
     prefixes=("/api/",),
 )

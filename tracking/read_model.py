@@ -185,8 +185,10 @@ def read_model_refold(
                 steps=[(s.name, s.attempts) for s in state.steps.values()],
             ),
         )
-        if row.event_count > 0 or bump == "if_changed":  # rows that may hold steps already
-            had_steps.append(row.pk)
+        if bump == "if_changed":
+            had_steps.append(row.pk)  # rebuild: the rows may hold anything
+        elif {name for name, _ in old_steps.get(row.pk, ())} - state.steps.keys():
+            had_steps.append(row.pk)  # a step vanished (its events became anomalies)
         step_rows += steps
     if saga_rows:
         upsert(

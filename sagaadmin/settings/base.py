@@ -192,6 +192,10 @@ SAGAADMIN = {
     # A reporter clock further than this from the server's receive time is flagged.
     "CLOCK_SKEW_SECONDS": env.float("SAGAADMIN_CLOCK_SKEW_SECONDS", default=30.0),
     "RETRY_AFTER_SECONDS": env.int("SAGAADMIN_RETRY_AFTER_SECONDS", default=5),
+    # ASGI: serve POST /api/v1/events from the group-committing fast path.
+    "INGEST_FASTPATH": env.bool("SAGAADMIN_INGEST_FASTPATH", default=True),
+    # How long the fast path trusts a looked-up service key (revocation delay).
+    "KEY_CACHE_SECONDS": env.float("SAGAADMIN_KEY_CACHE_SECONDS", default=5.0),
 }
 
 LOGGING = {

@@ -1,0 +1,161 @@
+"""The ASGI fast path of POST /api/v1/events: same answers as the view, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from tests.conftest import database_away
+from tracking.api.fastpath import IngestEndpoint
+from tracking.keys import service_key_create, service_key_revoke
+from tracking.models import Saga, TelemetryEvent
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def endpoint() -> Any:
+    made = IngestEndpoint()
+    yield made
+    made.batcher.close()
+
+
+async def call(
+    endpoint: IngestEndpoint,
+    body: Any,
+    *,
+    key: str | None,
+    method: str = "POST",
+    content_type: str = "application/json",
+) -> tuple[int, dict[str, str], Any]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = [(b"content-type", content_type.encode())]
+    if key:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    scope = {"type": "http", "method": method, "path": "/api/v1/events", "headers": headers}
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await endpoint(scope, receive, send)
+    head = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    return sent[0]["status"], head, json.loads(sent[1]["body"])
+
+
+def event(i: int, saga: str = "fp-1", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": f"fp-{i}",
+        "saga_id": saga,
+        "type": "heartbeat",
+        "occurred_at": "2026-11-26T10:00:00Z",
+        **extra,
+    }
+
+
+def test_concurrent_requests_share_flushes_and_get_their_own_results(endpoint) -> None:
+    key = service_key_create(service_name="payment").secret
+    flushes = []
+    original = endpoint.batcher.flush
+    endpoint.batcher.flush = lambda batch: (flushes.append(len(batch)), original(batch))[1]  # type: ignore[method-assign]
+    endpoint.batcher._flush = __import__("asgiref.sync").sync.sync_to_async(  # type: ignore[attr-defined]
+        endpoint.batcher.flush, thread_sensitive=False, executor=endpoint.batcher.executor
+    )
+
+    async def main() -> list[tuple[int, dict[str, str], Any]]:
+        requests = []
+        for n in range(30):
+            events = [event(n * 10 + j, saga=f"fp-{n % 7}") for j in range(n % 3 + 1)]
+            if n % 5 == 0:
+                events.append(
+                    {
+                        "id": f"bad-{n}",
+                        "saga_id": "x",
+                        "type": "nope",
+                        "occurred_at": "2026-11-26T10:00:00Z",
+                    }
+                )
+            requests.append(call(endpoint, {"events": events}, key=key))
+        return await asyncio.gather(*requests)
+
+    answers = asyncio.run(main())
+    for n, (status, _, body) in enumerate(answers):
+        assert status == 200
+        expected = [
+            {"index": j, "id": f"fp-{n * 10 + j}", "status": "accepted"} for j in range(n % 3 + 1)
+        ]
+        if n % 5 == 0:
+            expected.append(
+                {
+                    "index": n % 3 + 1,
+                    "id": f"bad-{n}",
+                    "status": "rejected",
+                    "errors": body["results"][-1]["errors"],
+                }
+            )
+            assert body["results"][-1]["errors"][0]["field"] == "type"
+        assert body["results"] == expected
+    assert TelemetryEvent.objects.count() == sum(n % 3 + 1 for n in range(30))
+    assert Saga.objects.count() == 7
+    assert len(flushes) < 30  # requests were coalesced
+    assert sum(flushes) == 30
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status"),
+    [
+        ({"method": "GET"}, 405),
+        ({"content_type": "text/plain"}, 415),
+        ({"body": b"{not json"}, 400),
+        ({"body": {"events": []}}, 400),
+        (
+            {
+                "body": {
+                    "id": "only",
+                    "saga_id": "s",
+                    "type": "nope",
+                    "occurred_at": "2026-11-26T10:00:00Z",
+                }
+            },
+            422,
+        ),
+        ({"key": None}, 401),
+        ({"key": "sa_000000000000_unknown"}, 401),
+    ],
+)
+def test_whole_request_errors_match_the_view(endpoint, kwargs, status) -> None:
+    key = service_key_create(service_name="payment").secret
+    args = {"body": {"events": [event(1)]}, "key": key, **kwargs}
+    body = args.pop("body")
+    got, headers, answer = asyncio.run(call(endpoint, body, **args))
+    assert got == status
+    assert headers["content-type"] == "application/problem+json"
+    assert answer["status"] == status
+    assert TelemetryEvent.objects.count() == 0
+
+
+def test_a_revoked_key_stops_working_once_the_cache_expires(endpoint) -> None:
+    endpoint.keys.ttl = 0
+    created = service_key_create(service_name="payment")
+    assert asyncio.run(call(endpoint, event(1), key=created.secret))[0] == 200
+    service_key_revoke(prefix=created.key.prefix)
+    assert asyncio.run(call(endpoint, event(2), key=created.secret))[0] == 401
+
+
+def test_database_away_is_503(postgres, endpoint) -> None:
+    key = service_key_create(service_name="payment").secret
+    assert asyncio.run(call(endpoint, event(1), key=key))[0] == 200
+    with database_away():
+        endpoint.batcher.executor.submit(lambda: connection.close()).result()
+        status, headers, _ = asyncio.run(call(endpoint, event(2), key=key))
+    assert status == 503
+    assert headers["retry-after"] == "5"
+    endpoint.batcher.executor.submit(lambda: connection.close()).result()
+    assert asyncio.run(call(endpoint, event(3), key=key))[0] == 200

@@ -1,0 +1,245 @@
+"""The ASGI front door of ``POST /api/v1/events``: group commit for concurrent reports.
+
+Django serves sync views under ASGI one at a time per process, and one
+transaction per request pays a commit (and a dozen round trips) per event.
+This endpoint instead parses and checks each request in the event loop, then
+hands its events to an :class:`IngestBatcher`: while one flush runs, new
+requests queue; the next flush stores all of them together, one transaction
+per reporting service, and each request is answered after *its* events
+committed, with its own per-event results. The answers are exactly those of
+the Django view (same functions in :mod:`tracking.api.ingest`).
+See docs/decisions/0008-ingest-fast-path.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import msgspec
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections, connection, transaction
+
+from sagaadmin.problems import problem_bytes
+from tracking.api.ingest import (
+    DB_UNAVAILABLE,
+    UNKNOWN_KEY,
+    Refused,
+    Reply,
+    body_split,
+    request_check,
+    result_reply,
+    unavailable,
+)
+from tracking.ingest import IngestResult, events_ingest
+from tracking.keys import service_key_authenticate
+from tracking.models import Service
+
+log = logging.getLogger(__name__)
+PATH = "/api/v1/events"
+
+
+@dataclass(slots=True)
+class _Job:
+    service: Service
+    raws: list[msgspec.Raw]
+    future: asyncio.Future[IngestResult]
+
+
+class IngestBatcher:
+    """Coalesces concurrent ingest requests into few transactions (one flush at a time)."""
+
+    def __init__(self, *, max_events: int = 5000) -> None:
+        self.max_events = max_events
+        self.pending: list[_Job] = []
+        self.draining = False
+        # One thread, so the flushes of this process share one database connection.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
+        self._flush = sync_to_async(self.flush, thread_sensitive=False, executor=self.executor)
+
+    def close(self) -> None:
+        """Give the flush thread's database connection back and stop the thread."""
+        self.executor.submit(_close_connection).result()
+        self.executor.shutdown()
+
+    async def submit(self, service: Service, raws: list[msgspec.Raw]) -> IngestResult:
+        future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
+        self.pending.append(_Job(service, raws, future))
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch: list[_Job] = []
+                size = 0
+                while self.pending and (
+                    not batch or size + len(self.pending[0].raws) <= self.max_events
+                ):
+                    job = self.pending.pop(0)
+                    batch.append(job)
+                    size += len(job.raws)
+                await self._flush(batch)
+        finally:
+            self.draining = False
+
+    def flush(self, batch: list[_Job]) -> None:
+        """Store a batch: one transaction per service; settle every job's future."""
+        by_service: dict[int, list[_Job]] = defaultdict(list)
+        for job in batch:
+            by_service[job.service.pk].append(job)
+        for jobs in by_service.values():
+            raws = [raw for job in jobs for raw in job.raws]
+            try:
+                close_old_connections()
+                with transaction.atomic(durable=True):
+                    result = events_ingest(service=jobs[0].service, raws=raws)
+            except BaseException as exc:
+                if isinstance(exc, DB_UNAVAILABLE):
+                    connection.close()
+                for job in jobs:
+                    _settle(job.future, exc=exc)
+                continue
+            offset = 0
+            for job in jobs:
+                mine = result.results[offset : offset + len(job.raws)]
+                results = [replace(r, index=r.index - offset) for r in mine]
+                _settle(job.future, value=IngestResult(results, result.sagas_changed))
+                offset += len(job.raws)
+
+
+def _settle(
+    future: asyncio.Future[IngestResult],
+    *,
+    value: IngestResult | None = None,
+    exc: BaseException | None = None,
+) -> None:
+    def settle() -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            assert value is not None
+            future.set_result(value)
+
+    future.get_loop().call_soon_threadsafe(settle)
+
+
+class KeyCache:
+    """Service keys by secret for a few seconds, so a report costs no key lookup.
+
+    A revoked key stops working within ``ttl`` seconds (docs/decisions/0004).
+    """
+
+    def __init__(self, *, ttl: float) -> None:
+        self.ttl = ttl
+        self.entries: dict[str, tuple[float, Any]] = {}
+
+    async def get(self, secret: str, executor: ThreadPoolExecutor) -> Any:
+        now = time.monotonic()
+        hit = self.entries.get(secret)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        key = await sync_to_async(_authenticate, thread_sensitive=False, executor=executor)(secret)
+        if len(self.entries) > 10_000:
+            self.entries.clear()
+        self.entries[secret] = (now + self.ttl, key)
+        return key
+
+
+def _close_connection() -> None:
+    connection.close()
+
+
+def _authenticate(secret: str) -> Any:
+    close_old_connections()
+    return service_key_authenticate(secret=secret)
+
+
+class IngestEndpoint:
+    """ASGI app for ``POST /api/v1/events`` (the body arrives whole, see BodyLimitMiddleware)."""
+
+    def __init__(self) -> None:
+        self.batcher = IngestBatcher()
+        self.keys = KeyCache(ttl=settings.SAGAADMIN["KEY_CACHE_SECONDS"])
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            reply = await self._handle(scope, receive, headers)
+        except Exception:
+            log.exception("ingest fast path failed")
+            reply = Reply(
+                500,
+                problem_bytes(500, "internal-error", "The server failed; the error was logged."),
+            )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": reply.status,
+                "headers": [
+                    (b"content-type", reply.content_type.encode()),
+                    *((k.lower().encode(), v.encode()) for k, v in reply.headers.items()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def _handle(self, scope: Any, receive: Any, headers: dict[str, str]) -> Reply:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            secret = request_check(
+                method=scope["method"],
+                content_type=content_type,
+                token=token.strip() if scheme.lower() == "bearer" and token.strip() else None,
+            )
+            body = await _read_body(receive)
+            try:
+                key = await self.keys.get(secret, self.batcher.executor)
+            except DB_UNAVAILABLE as exc:
+                return unavailable(exc)
+            if key is None:
+                return UNKNOWN_KEY
+            raws = body_split(body)
+        except Refused as refused:
+            return refused.reply
+        try:
+            result = await self.batcher.submit(key.service, raws)
+        except DB_UNAVAILABLE as exc:
+            return unavailable(exc)
+        return result_reply(result)
+
+
+async def _read_body(receive: Any) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b""
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class IngestRouter:
+    """Sends ``POST /api/v1/events`` to the fast path and everything else to ``app``."""
+
+    def __init__(self, app: Any, endpoint: IngestEndpoint | None = None) -> None:
+        self.app = app
+        self.endpoint = endpoint or IngestEndpoint()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == PATH:
+            await self.endpoint(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

@@ -95,6 +95,8 @@ def _insert(
                 f"ORDER BY ctid {suffix}"
             )
             return [r[0] for r in cursor.fetchall()] if returns else []
+    if _is_pg():  # one statement, one array parameter per column
+        return _unnest_insert(table, names, fields, rows, suffix, returns)
     out: list[Any] = []
     row_sql = "(" + ", ".join(["%s"] * len(fields)) + ")"
     for start in range(0, len(rows), 500):
@@ -113,6 +115,42 @@ def _insert(
             if returns:
                 out += [r[0] for r in cursor.fetchall()]
     return out
+
+
+def _unnest_insert(
+    table: str,
+    names: str,
+    fields: list[models.Field[Any, Any]],
+    rows: Sequence[Row],
+    suffix: str,
+    returns: bool,
+) -> list[Any]:
+    columns: list[list[Any]] = [[] for _ in fields]
+    json_columns = {i for i, f in enumerate(fields) if isinstance(f, models.JSONField)}
+    encode = msgspec.json.encode
+    for row in rows:
+        for i, value in enumerate(row):
+            if i in json_columns and value is not None:
+                value = encode(value).decode()
+            columns[i].append(value)
+    types = [_array_type(f) for f in fields]
+    aliases = ", ".join(f"c{i}" for i in range(len(fields)))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({names}) SELECT {aliases} FROM unnest("  # noqa: S608
+            + ", ".join(f"%s::{t}[]" for t in types)
+            + f") WITH ORDINALITY AS u({aliases}, ord) ORDER BY ord {suffix}",
+            columns,
+        )
+        return [r[0] for r in cursor.fetchall()] if returns else []
+
+
+def _array_type(field: models.Field[Any, Any]) -> str:
+    """The element type for ``unnest``; varchar lengths are checked by the table itself."""
+    db_type = field.db_type(connection) or "text"
+    if db_type.startswith("varchar"):
+        return "text"
+    return db_type.split(" CHECK")[0].replace("serial", "integer")
 
 
 def insert_ignore_returning(

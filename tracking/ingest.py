@@ -140,6 +140,20 @@ def events_ingest(
     return IngestResult([results[i] for i in range(len(raws))], changed)
 
 
+@dataclass(frozen=True, slots=True)
+class LockedSaga:
+    """The columns of a locked saga row that re-folding needs (cheaper than a model)."""
+
+    pk: int
+    saga_id: str
+    version: int
+    event_count: int
+    saga_type: str
+    status: str
+    flags: str
+    started_at: datetime | None
+
+
 SERVICE_TOUCH_RESOLUTION = timedelta(seconds=1)
 
 
@@ -166,13 +180,11 @@ def _store_and_project(
         returning="saga_id",
     )
     sagas = {
-        s.saga_id: s
-        for s in Saga.objects.select_for_update()
+        row[1]: LockedSaga(*row)
+        for row in Saga.objects.select_for_update()
         .filter(saga_id__in=saga_ids)
         .order_by("saga_id")
-        .only(
-            "id", "saga_id", "version", "event_count", "saga_type", "status", "flags", "started_at"
-        )
+        .values_list(*LockedSaga.__dataclass_fields__)
     }
     valid.sort(key=lambda v: v.event.id)  # one insert order everywhere: no deadlocks
     inserted = _insert_events(service, valid, received_at)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from datetime import UTC, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 from django.conf import settings
 from django.db import transaction
@@ -80,6 +80,25 @@ FOLD_COLUMNS = (
 )
 
 
+class SagaRow(Protocol):
+    """What re-folding reads of a locked saga row (a ``Saga`` or ingest's ``LockedSaga``)."""
+
+    @property
+    def pk(self) -> int: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def event_count(self) -> int: ...
+    @property
+    def saga_type(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def flags(self) -> str: ...
+    @property
+    def started_at(self) -> datetime | None: ...
+
+
 def skew_threshold() -> timedelta:
     return timedelta(seconds=settings.SAGAADMIN["CLOCK_SKEW_SECONDS"])
 
@@ -133,7 +152,7 @@ def saga_row_values(state: SagaState) -> dict[str, object]:
 
 
 def read_model_refold(
-    *, sagas: Mapping[str, Saga], events: Mapping[str, list[FoldEvent]], bump: str = "always"
+    *, sagas: Mapping[str, SagaRow], events: Mapping[str, list[FoldEvent]], bump: str = "always"
 ) -> list[SagaState]:
     """Fold each saga's events and write its rows.
 
@@ -227,7 +246,7 @@ def _delete_stale_steps(saga_pks: list[int], steps: list[list[Any]]) -> None:
     Step.objects.filter(stale).delete()
 
 
-def _differs(row: Saga, values: dict[str, object], steps: list[list[Any]]) -> bool:
+def _differs(row: Any, values: dict[str, object], steps: list[list[Any]]) -> bool:
     if any(getattr(row, k) != v for k, v in values.items()):
         return True
     current = {

@@ -581,7 +581,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short phases, for a smoke run")
     p.add_argument(
-        "--workers", type=int, default=int(_env_num("BENCH_WORKERS", 4)), help="uvicorn workers"
+        "--workers", type=int, default=int(_env_num("BENCH_WORKERS", 2)), help="uvicorn workers"
     )
     p.add_argument(
         "--duration", type=float, default=_env_num("BENCH_DURATION", 20), help="s per phase"

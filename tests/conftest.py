@@ -109,17 +109,28 @@ def user_client(db: None) -> Iterator[Client]:
     yield client
 
 
+def role_group(name: str) -> Any:
+    """The role's group; re-created by the data migration's code if a flush removed it."""
+    import importlib
+
+    from django.apps import apps
+    from django.contrib.auth.models import Group
+
+    if not Group.objects.filter(name=name).exists():
+        importlib.import_module("tracking.migrations.0004_roles").forwards(apps, None)
+    return Group.objects.get(name=name)
+
+
 @pytest.fixture
 def role_client(db: None) -> Callable[[str | None], Client]:
     """A logged-in client whose user has the given role (None: no role at all)."""
-    from django.contrib.auth.models import Group
 
     def make(role: str | None) -> Client:
         user = get_user_model().objects.create_user(
             f"user-{role}-{next(_ids)}", password="pw-x-12345"
         )
         if role:
-            user.groups.add(Group.objects.get(name=role))
+            user.groups.add(role_group(role))
         client = Client()
         client.force_login(user)
         return client

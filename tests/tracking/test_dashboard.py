@@ -134,3 +134,46 @@ def test_the_empty_list_tells_how_to_send_the_first_event(role_client) -> None:
     html = role_client("viewer").get("/sagas/").content.decode()
     assert "No sagas yet" in html
     assert "/api/v1/events" in html
+
+
+def test_the_overview_counts_come_from_the_rollups_and_link_to_the_list(role_client, api) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    events = []
+    for i in range(3):
+        sid = f"ov-{i}"
+        events += [
+            {
+                "id": f"{sid}-a",
+                "saga_id": sid,
+                "saga_type": "order",
+                "type": "saga.started",
+                "occurred_at": (now - timedelta(minutes=5)).isoformat(),
+            },
+            {
+                "id": f"{sid}-b",
+                "saga_id": sid,
+                "type": "step.started",
+                "step": "charge",
+                "occurred_at": (now - timedelta(minutes=4)).isoformat(),
+            },
+        ]
+        if i:
+            events.append(
+                {
+                    "id": f"{sid}-c",
+                    "saga_id": sid,
+                    "type": "step.failed",
+                    "step": "charge",
+                    "occurred_at": (now - timedelta(minutes=3)).isoformat(),
+                }
+            )
+    api.batch(events)
+    html = role_client("viewer").get("/?window=15m").content.decode()
+    tile = re.search(
+        r'status=running&amp;started_after=[^"]+"><strong class="status-running">(\d+)<', html
+    )
+    assert tile is not None and tile.group(1) == "3"
+    assert re.search(r"<td>2 / 2</td>", html)  # charge failed in both finished attempts
+    assert "No finished steps" not in html

@@ -59,6 +59,7 @@ class IngestBatcher:
         self.max_events = max_events
         self.pending: list[_Job] = []
         self.draining = False
+        self._task: asyncio.Task[None] | None = None  # keeps the drain task referenced
         # One thread, so the flushes of this process share one database connection.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
         self._flush = sync_to_async(self.flush, thread_sensitive=False, executor=self.executor)
@@ -73,7 +74,7 @@ class IngestBatcher:
         self.pending.append(_Job(service, raws, future))
         if not self.draining:
             self.draining = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._task = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:

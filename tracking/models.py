@@ -66,7 +66,10 @@ class TelemetryEvent(models.Model):
     ``occurred_at`` is the reporter's clock, ``received_at`` the server's.
     """
 
-    service = models.ForeignKey(Service, on_delete=models.PROTECT, related_name="events")
+    # No index of its own: (service, event_id) and (service, received_at) lead with it.
+    service = models.ForeignKey(
+        Service, on_delete=models.PROTECT, related_name="events", db_index=False
+    )
     event_id = models.CharField(max_length=128)
     protocol_version = models.PositiveSmallIntegerField(default=1)
     saga_id = models.CharField(max_length=200)
@@ -95,7 +98,10 @@ class TelemetryEvent(models.Model):
                 fields=["service", "event_id"], name="event_unique_per_service"
             ),
         ]
-        indexes = [models.Index(fields=["saga_id", "id"], name="event_saga_idx")]
+        indexes = [
+            models.Index(fields=["saga_id", "id"], name="event_saga_idx"),
+            models.Index(fields=["service", "received_at"], name="event_service_recent_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.type} {self.saga_id} ({self.event_id})"

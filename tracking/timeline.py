@@ -98,8 +98,16 @@ def saga_timeline_build(*, saga: Saga, events: list[TelemetryEvent], now: dateti
                 )
             )
         gap = None
-        if previous_end is not None and step.started_at is not None:
-            gap = _ms(step.started_at - previous_end)
+        first_start = next(
+            (
+                _parse(r["started_at"])
+                for r in step.attempts
+                if r["kind"] == "forward" and r["started_at"]
+            ),
+            step.started_at,
+        )
+        if previous_end is not None and first_start is not None:
+            gap = _ms(first_start - previous_end)
         previous_end = step.ended_at or previous_end
         lanes.append(Lane(step.name, step.service, step.status, bars, gap))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from functools import wraps
@@ -9,14 +10,15 @@ from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, Q
+from django.db.models import Count, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce
 from django.http import Http404, HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from tracking.keys import service_key_create, service_key_revoke
-from tracking.models import SagaStatus, Service, ServiceKey
+from tracking.models import SagaStatus, Service, ServiceKey, TelemetryEvent
 from tracking.overview import WINDOWS, overview_get
 from tracking.roles import can_manage_keys, can_view
 from tracking.selectors import (
@@ -29,6 +31,7 @@ from tracking.selectors import (
 from tracking.timeline import saga_timeline_build
 
 View = Callable[..., HttpResponse]
+SERVICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 FLAGS = ("anomaly", "clock_skew")
 
 
@@ -154,24 +157,32 @@ def _skew_ms() -> int:
 @require_GET
 @viewer_required
 def services_page(request: HttpRequest) -> HttpResponse:
+    return render(request, "tracking/services.html", _services_context(request))
+
+
+def _services_context(request: HttpRequest, **extra: Any) -> dict[str, Any]:
     since = timezone.now() - timedelta(minutes=5)
+    recent = (
+        TelemetryEvent.objects.filter(service=OuterRef("pk"), received_at__gte=since)
+        .order_by()
+        .values("service")
+        .annotate(n=Count("pk"))
+        .values("n")
+    )
     services = Service.objects.annotate(
-        recent=Count("events", filter=Q(events__received_at__gte=since)),
+        recent=Coalesce(Subquery(recent), 0),
         active_keys=Count("keys", filter=Q(keys__revoked_at__isnull=True), distinct=True),
     ).order_by("name")
     keys = ServiceKey.objects.select_related("service").order_by("service__name", "-created_at")
-    return render(
-        request,
-        "tracking/services.html",
-        {
-            "services": [(s, round(s.recent / 300, 2)) for s in services],
-            "keys": keys,
-            "can_manage": can_manage_keys(request.user),
-            "new_key": request.session.pop("new_key", None),
-            "now": timezone.now(),
-            "nav": "services",
-        },
-    )
+    return {
+        "services": [(s, round(s.recent / 300, 2)) for s in services],
+        "keys": keys,
+        "can_manage": can_manage_keys(request.user),
+        "new_key": request.session.pop("new_key", None),
+        "now": timezone.now(),
+        "nav": "services",
+        **extra,
+    }
 
 
 @require_POST
@@ -180,19 +191,11 @@ def service_key_create_view(request: HttpRequest) -> HttpResponse:
     if not can_manage_keys(request.user):
         raise PermissionDenied("Only admins create keys.")
     name = request.POST.get("service", "").strip()
-    if not name or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 100:
-        return render(
-            request,
-            "tracking/services.html",
-            {
-                "services": [],
-                "keys": [],
-                "can_manage": True,
-                "now": timezone.now(),
-                "key_error": "A service name is letters, digits, - and _ (at most 100).",
-            },
-            status=400,
+    if not SERVICE_NAME.fullmatch(name):
+        context = _services_context(
+            request, key_error="A service name is letters, digits, - and _ (at most 100)."
         )
+        return render(request, "tracking/services.html", context, status=400)
     created = service_key_create(service_name=name, name=f"dashboard:{request.user}")
     request.session["new_key"] = {"service": name, "secret": created.secret}
     return redirect("services")

@@ -40,7 +40,12 @@
     const banner = document.getElementById("new-sagas");
     if (banner && unseen > 0) {
       banner.hidden = false;
-      banner.querySelector("a").textContent = `${unseen} saga update${unseen > 1 ? "s" : ""} not on this page — show the latest`;
+      const link = banner.querySelector("a");
+      link.textContent = `${unseen} saga update${unseen > 1 ? "s" : ""} not on this page — show the latest`;
+      // the first page of the filter in the address bar (filters change it without a reload)
+      const url = new URL(location.href);
+      url.searchParams.delete("cursor");
+      link.href = url.pathname + url.search;
     }
     if (pending.size && !timer) timer = setTimeout(refreshRows, 150);
   }
@@ -63,16 +68,35 @@
     }
   }
 
+  // Deltas pushed while the socket was down are lost: after a reconnect, refetch
+  // what the page shows (the detail body, or every visible row; rows only change
+  // when their version grew).
+  function catchUp() {
+    if (document.getElementById("saga-live")) {
+      htmx.trigger("#saga-live", "saga-changed");
+      return;
+    }
+    document.querySelectorAll("#saga-rows tr[data-saga-id]").forEach((row) => pending.add(row.dataset.sagaId));
+    if (pending.size && !timer) timer = setTimeout(refreshRows, 0);
+  }
+
+  let dropped = false;
   function connect(delay) {
     if (!document.getElementById("live-status")) return;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const socket = new WebSocket(`${scheme}://${location.host}/ws/sagas`);
-    socket.onopen = () => { setStatus("● live", true); delay = 1000; };
+    socket.onopen = () => {
+      setStatus("● live", true);
+      delay = 1000;
+      if (dropped) catchUp();
+      dropped = false;
+    };
     socket.onmessage = (message) => {
       const data = JSON.parse(message.data);
       if (data.type === "sagas.changed") onDeltas(data.deltas);
     };
     socket.onclose = () => {
+      dropped = true;
       setStatus("○ reconnecting", false);
       setTimeout(() => connect(Math.min(delay * 2, 30000)), delay);
     };

@@ -177,3 +177,35 @@ def test_the_overview_counts_come_from_the_rollups_and_link_to_the_list(role_cli
     assert tile is not None and tile.group(1) == "3"
     assert re.search(r"<td>2 / 2</td>", html)  # charge failed in both finished attempts
     assert "No finished steps" not in html
+
+
+def test_the_event_rate_counts_each_event_once_whatever_the_number_of_keys(
+    api, role_client
+) -> None:
+    from tracking.keys import service_key_create
+
+    service_key_create(service_name="payment")
+    service_key_create(service_name="payment")  # three keys now
+    api.batch(
+        [
+            {
+                "id": f"r{i}",
+                "saga_id": "rate",
+                "type": "heartbeat",
+                "occurred_at": "2026-11-26T10:00:00Z",
+            }
+            for i in range(30)
+        ]
+    )
+    html = role_client("viewer").get("/services/").content.decode()
+    row = re.search(r'service=payment">payment</a></td>.*?</tr>', html, re.S).group(0)
+    assert "<td>0.1</td>" in row  # 30 events / 300 s
+    assert "<td>3</td>" in row  # active keys
+
+
+def test_a_bad_service_name_keeps_the_page_whole(role_client, service_key) -> None:
+    response = role_client("admin").post("/services/keys", {"service": "pâte"})
+    html = response.content.decode()
+    assert response.status_code == 400
+    assert "letters, digits" in html
+    assert "sa_" + service_key.key.prefix in html  # the existing keys are still listed

@@ -173,12 +173,19 @@ def upsert(
     rows: Sequence[Row],
     *,
     conflict: Sequence[str],
-    update: Sequence[str],
+    update: Sequence[str] = (),
+    increment: Sequence[str] = (),
 ) -> None:
-    """INSERT rows, or UPDATE ``update`` columns of the rows that exist (by ``conflict``)."""
+    """INSERT rows; where a row exists (by ``conflict``), set its ``update`` columns
+    to the new values and add the new values to its ``increment`` columns."""
+    table = connection.ops.quote_name(model._meta.db_table)
     on = ", ".join(_column(_field(model, c)) for c in conflict)
-    sets = ", ".join(f"{_column(f)} = EXCLUDED.{_column(f)}" for f in _fields(model, update))
-    _insert(model, columns, rows, f"ON CONFLICT ({on}) DO UPDATE SET {sets}")
+    sets = [f"{_column(f)} = EXCLUDED.{_column(f)}" for f in _fields(model, update)]
+    sets += [
+        f"{_column(f)} = {table}.{_column(f)} + EXCLUDED.{_column(f)}"
+        for f in _fields(model, increment)
+    ]
+    _insert(model, columns, rows, f"ON CONFLICT ({on}) DO UPDATE SET {', '.join(sets)}")
 
 
 def append(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils.dateparse import parse_datetime
 
-from tracking.bulk import append
+from tracking.bulk import append, upsert
 from tracking.models import Saga, SagaCount, SagaCountDelta, Step, StepStat, StepStatDelta
 
 SAGA_BUCKET = timedelta(minutes=5)
@@ -149,17 +149,19 @@ def rollup_compact() -> bool:
             key = (_dt(bucket), saga_type, step, bin_)
             step_totals[key] += count
             step_failures[key] += failures
-        _upsert_add(
+        upsert(
             SagaCount,
-            ["bucket", "saga_type", "status", "flags"],
-            ["count"],
+            ["bucket", "saga_type", "status", "flags", "count"],
             [(*k, n) for k, n in saga_totals.items() if n],
+            conflict=["bucket", "saga_type", "status", "flags"],
+            increment=["count"],
         )
-        _upsert_add(
+        upsert(
             StepStat,
-            ["bucket", "saga_type", "step", "bin"],
-            ["count", "failures"],
+            ["bucket", "saga_type", "step", "bin", "count", "failures"],
             [(*k, n, step_failures[k]) for k, n in step_totals.items() if n or step_failures[k]],
+            conflict=["bucket", "saga_type", "step", "bin"],
+            increment=["count", "failures"],
         )
     return True
 
@@ -177,31 +179,6 @@ def _delete_returning(model: type, columns: str) -> list[tuple[Any, ...]]:
     with connection.cursor() as cursor:
         cursor.execute(f"DELETE FROM {table} RETURNING {columns}")  # noqa: S608
         return list(cursor.fetchall())
-
-
-def _upsert_add(model: type, keys: list[str], adds: list[str], rows: list[tuple[Any, ...]]) -> None:
-    if not rows:
-        return
-    meta = model._meta  # type: ignore[attr-defined]
-    table = connection.ops.quote_name(meta.db_table)
-    columns = [*keys, *adds]
-    fields = [meta.get_field(c) for c in columns]
-    placeholders = "(" + ", ".join(["%s"] * len(columns)) + ")"
-    updates = ", ".join(f"{c} = {table}.{c} + EXCLUDED.{c}" for c in adds)
-    for start in range(0, len(rows), 500):
-        chunk = rows[start : start + 500]
-        params = [
-            f.get_db_prep_save(v, connection)
-            for row in chunk
-            for f, v in zip(fields, row, strict=True)
-        ]
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"INSERT INTO {table} ({', '.join(columns)}) VALUES "  # noqa: S608
-                f"{', '.join([placeholders] * len(chunk))} "
-                f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}",
-                params,
-            )
 
 
 def rollups_rebuild() -> None:

@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db.models import Max, Sum
+from django.db.models import Max, Q, Sum
 
 from tracking.models import (
     TERMINAL_SAGA_STATUSES,
@@ -68,24 +68,32 @@ class Overview:
 def overview_get(*, window: str, now: datetime) -> Overview:
     rollup_compact()  # fold what ingest appended; cheap when little is pending
     since = floor_time(now - WINDOWS[window], SAGA_BUCKET)
-    per_bucket: dict[datetime, Counter[str]] = defaultdict(Counter)
+    # Totals and the per-bucket series are summed by the database: Python only
+    # sees one row per (status, flags) and one row per bucket.
     statuses: Counter[str] = Counter()
     flags: Counter[str] = Counter()
+    series: dict[datetime, Counter[str]] = defaultdict(Counter)
     for model, column in ((SagaCount, "count"), (SagaCountDelta, "delta")):
-        rows = (
-            model.objects.filter(bucket__gte=since)
-            .values_list("bucket", "status", "flags")
-            .annotate(n=Sum(column))
-        )
-        for bucket, status, flag_text, n in rows:
-            per_bucket[bucket][status] += n
+        window_rows = model.objects.filter(bucket__gte=since).order_by()
+        for status, flag_text, n in window_rows.values_list("status", "flags").annotate(
+            n=Sum(column)
+        ):
             statuses[status] += n
             for flag in split_delimited(flag_text):
                 flags[flag] += n
+        for bucket, started_n, failed_n, finished_n in window_rows.values_list("bucket").annotate(
+            started=Sum(column),
+            failed=Sum(column, filter=Q(status__in=FAILED)),
+            finished=Sum(column, filter=Q(status__in=TERMINAL_SAGA_STATUSES)),
+        ):
+            counter = series[bucket]
+            counter["started"] += started_n or 0
+            counter["failed"] += failed_n or 0
+            counter["finished"] += finished_n or 0
     buckets = _bucket_range(since, now, SAGA_BUCKET)
-    started = [sum(per_bucket[b].values()) for b in buckets]
-    failed = [sum(per_bucket[b][s] for s in FAILED) for b in buckets]
-    finished = [sum(per_bucket[b][s] for s in TERMINAL_SAGA_STATUSES) for b in buckets]
+    started = [series[b]["started"] for b in buckets]
+    failed = [series[b]["failed"] for b in buckets]
+    finished = [series[b]["finished"] for b in buckets]
     steps = _step_rows(since=floor_time(now - WINDOWS[window], STEP_BUCKET))
     newest = Service.objects.aggregate(newest=Max("last_event_at"))["newest"]
     return Overview(

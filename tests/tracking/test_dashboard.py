@@ -177,6 +177,12 @@ def test_the_overview_counts_come_from_the_rollups_and_link_to_the_list(role_cli
     )
     assert tile is not None and tile.group(1) == "3"
     assert re.search(r"<td>2 / 2</td>", html)  # charge failed in both finished attempts
+    data = re.search(r'id="chart-data" type="application/json">(.*?)</script>', html)
+    assert data is not None
+    chart = json.loads(data.group(1))
+    assert sum(chart["started"]) == 3
+    assert sum(chart["failed"]) == 0
+    assert len(chart["t"]) == len(chart["started"]) >= 3
     assert "No finished steps" not in html
 
 

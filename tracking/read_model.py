@@ -275,6 +275,7 @@ def read_model_rebuild(*, saga_id: str | None = None, batch_size: int = 500) -> 
                 for s in Saga.objects.select_for_update()
                 .filter(saga_id__in=chunk)
                 .order_by("saga_id")
+                .prefetch_related("steps")  # _differs compares them: one query, not one per saga
             }
             before = {k: v.version for k, v in rows.items()}
             read_model_refold(

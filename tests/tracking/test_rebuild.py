@@ -197,3 +197,24 @@ def test_rebuild_command_over_everything_reports_counts(api, make_event) -> None
     out = io.StringIO()
     call_command("rebuild_read_model", stdout=out)
     assert out.getvalue().strip() == "Rebuilt 3 saga(s): 0 changed, 0 without events removed."
+
+
+def test_rebuild_queries_do_not_grow_with_the_number_of_sagas(api) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    api.batch(
+        [
+            {
+                "id": f"n{i}",
+                "saga_id": f"n{i}",
+                "type": "step.started",
+                "step": "a",
+                "occurred_at": "2026-11-26T10:00:00Z",
+            }
+            for i in range(30)
+        ]
+    )
+    with CaptureQueriesContext(connection) as queries:
+        read_model_rebuild()
+    assert len(queries.captured_queries) < 30  # no query per saga

@@ -25,6 +25,7 @@ from tracking.rollups import (
     old_steps_get,
     rollups_rebuild,
     saga_contribution,
+    saga_row_contribution,
     step_contribution,
 )
 
@@ -181,13 +182,7 @@ def read_model_refold(
         saga_rows.append([row.pk, saga_id, row.version + 1, *values.values()])
         contributions.add(
             sign=-1,
-            saga=saga_contribution(
-                saga_type=row.saga_type,
-                status=row.status,
-                flags=row.flags,
-                started_at=row.started_at,
-                event_count=row.event_count,
-            ),
+            saga=saga_row_contribution(row),
             steps=step_contribution(saga_type=row.saga_type, steps=old_steps.get(row.pk, [])),
         )
         contributions.add(

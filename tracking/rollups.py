@@ -58,6 +58,17 @@ def saga_contribution(
     return Counter({(floor_time(started_at, SAGA_BUCKET), saga_type, status, flags): 1})
 
 
+def saga_row_contribution(row: Any) -> Counter[SagaKey]:
+    """The contribution of a stored saga row (a ``Saga`` or a locked-row tuple)."""
+    return saga_contribution(
+        saga_type=row.saga_type,
+        status=row.status,
+        flags=row.flags,
+        started_at=row.started_at,
+        event_count=row.event_count,
+    )
+
+
 def step_contribution(
     *, saga_type: str, steps: Iterable[tuple[str, list[dict[str, Any]]]]
 ) -> tuple[Counter[StepKey], Counter[StepKey]]:
@@ -190,13 +201,7 @@ def rollups_rebuild() -> None:
         for saga in Saga.objects.filter(event_count__gt=0).iterator(chunk_size=2000):
             totals.add(
                 sign=1,
-                saga=saga_contribution(
-                    saga_type=saga.saga_type,
-                    status=saga.status,
-                    flags=saga.flags,
-                    started_at=saga.started_at,
-                    event_count=saga.event_count,
-                ),
+                saga=saga_row_contribution(saga),
                 steps=(Counter(), Counter()),
             )
         for saga_type, name, attempts in Step.objects.values_list(

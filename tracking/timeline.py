@@ -131,11 +131,18 @@ def saga_timeline_build(*, saga: Saga, events: list[TelemetryEvent], now: dateti
                     latency_ms=_ms(e.occurred_at - source.occurred_at),
                 )
             )
-    ticks = [(pct, f"+{_fmt(span * pct / 100)}") for pct in (0.0, 25.0, 50.0, 75.0, 100.0)]
+    ticks = [
+        (pct, f"+{format_duration(span * pct / 100)}") for pct in (0.0, 25.0, 50.0, 75.0, 100.0)
+    ]
     return Timeline(start=start, end=end, span_ms=span, lanes=lanes, arrows=arrows, ticks=ticks)
 
 
-def _fmt(ms: float) -> str:
+def format_duration(ms: float | None) -> str:
+    """1234 -> '1.2 s'; negative values keep their sign; None -> '-'."""
+    if ms is None:
+        return "-"
+    if ms < 0:
+        return "-" + format_duration(-ms)
     if ms < 1000:
         return f"{ms:.0f} ms"
     if ms < 60_000:

@@ -62,10 +62,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from common import ROOT, BenchError, base_dsn, database_recreate, env_num, manage
 from psycopg.types.json import Jsonb
 
-ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv this script runs in
 HOST = "127.0.0.1"
 DB_NAME = "sagaadmin_bench"
@@ -108,10 +107,6 @@ COLUMNS = (
 _COLS = ", ".join(COLUMNS)
 COPY_SQL = f"COPY {RAW_TABLE} ({_COLS}) FROM STDIN"
 INSERT_SQL = f"INSERT INTO {RAW_TABLE} ({_COLS}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
-
-
-class BenchError(Exception):
-    """The run failed; its figures would mean nothing."""
 
 
 class Exhausted(Exception):
@@ -457,30 +452,6 @@ def run_phase(phase: Phase, server_pgid: int | None = None) -> Result:
 # --- database and server ---------------------------------------------------------
 
 
-def database_recreate(base_dsn: str) -> tuple[str, str]:
-    """Drop and create the bench database; return its DSN and the server version."""
-    with psycopg.connect(f"{base_dsn}/postgres", autocommit=True) as conn:
-        name = sql.Identifier(DB_NAME)
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
-        version = conn.execute("SHOW server_version").fetchone()
-    return f"{base_dsn}/{DB_NAME}", version[0] if version else "?"
-
-
-def manage(env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode:
-        raise BenchError(f"manage.py {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    return proc.stdout
-
-
 def _index_shapes(conn: psycopg.Connection, table: str) -> list[str]:
     """Index and constraint definitions of ``table``, without names or table name."""
     rows = conn.execute(
@@ -573,38 +544,34 @@ def _tail(log: Path, lines: int = 15) -> str:
 # --- main ------------------------------------------------------------------------
 
 
-def _env_num(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short phases, for a smoke run")
     p.add_argument(
-        "--workers", type=int, default=int(_env_num("BENCH_WORKERS", 2)), help="uvicorn workers"
+        "--workers", type=int, default=int(env_num("BENCH_WORKERS", 2)), help="uvicorn workers"
     )
     p.add_argument(
-        "--duration", type=float, default=_env_num("BENCH_DURATION", 20), help="s per phase"
+        "--duration", type=float, default=env_num("BENCH_DURATION", 20), help="s per phase"
     )
     p.add_argument(
-        "--warmup", type=float, default=_env_num("BENCH_WARMUP", 3), help="s before each window"
+        "--warmup", type=float, default=env_num("BENCH_WARMUP", 3), help="s before each window"
     )
     p.add_argument(
         "--batch-clients",
         type=int,
-        default=int(_env_num("BENCH_BATCH_CLIENTS", 4)),
+        default=int(env_num("BENCH_BATCH_CLIENTS", 4)),
         help="client processes in batch mode (and COPY connections)",
     )
     p.add_argument(
         "--single-procs",
         type=int,
-        default=int(_env_num("BENCH_SINGLE_PROCS", 4)),
+        default=int(env_num("BENCH_SINGLE_PROCS", 4)),
         help="client processes in single-event mode (and for raw INSERTs)",
     )
     p.add_argument(
         "--single-threads",
         type=int,
-        default=int(_env_num("BENCH_SINGLE_THREADS", 4)),
+        default=int(env_num("BENCH_SINGLE_THREADS", 4)),
         help="connections per single-event client process",
     )
     args = p.parse_args()
@@ -652,14 +619,10 @@ def report(
         print(f"{label:<46} {ratio:5.3f}  (bar >= {bar:.2f}, {needed})  {verdict}")
 
 
-def _base_dsn() -> str:
-    return os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432").rstrip("/")
-
-
 def main() -> int:
     args = parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on kill too
-    dsn, pg_version = database_recreate(_base_dsn())
+    dsn, pg_version = database_recreate(base_dsn(), DB_NAME)
     env = {
         **os.environ,
         "DATABASE_URL": dsn,

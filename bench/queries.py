@@ -64,7 +64,6 @@ import os
 import queue
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -77,10 +76,10 @@ from typing import Any
 from urllib.parse import urlencode
 
 import psycopg
+from common import ROOT, BenchError, base_dsn, database_recreate, env_num, manage, server_version
 from psycopg import sql
 from psycopg.types.string import TextLoader
 
-ROOT = Path(__file__).resolve().parent.parent
 DB_NAME = "sagaadmin_queries"
 SETTINGS = "sagaadmin.settings.base"
 FULL_SAGAS, QUICK_SAGAS = 1_000_000, 100_000
@@ -188,10 +187,6 @@ EVENT_COLUMNS = (
 )
 PAYLOAD = '{"amount": 4990, "currency": "EUR"}'
 CHUNK_SAGAS = 2_000  # sagas formatted per COPY write
-
-
-class BenchError(Exception):
-    """The run failed; its figures would mean nothing."""
 
 
 # --- time and ids as text, fast ----------------------------------------------------
@@ -818,35 +813,6 @@ def sha256_hex(text: str) -> str:
 # --- database ------------------------------------------------------------------------
 
 
-def database_recreate(base_dsn: str) -> tuple[str, str]:
-    """Drop and create the bench database; return its DSN and the server version."""
-    with psycopg.connect(f"{base_dsn}/postgres", autocommit=True) as conn:
-        name = sql.Identifier(DB_NAME)
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
-    return f"{base_dsn}/{DB_NAME}", server_version(f"{base_dsn}/{DB_NAME}")
-
-
-def server_version(dsn: str) -> str:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return row[0] if row else "?"
-
-
-def manage(env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode:
-        raise BenchError(f"manage.py {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    return proc.stdout
-
-
 @dataclasses.dataclass(frozen=True)
 class Schema:
     """The seeded tables' secondary indexes and constraints (not primary keys or checks)."""
@@ -1349,39 +1315,35 @@ def explain(raw: Any, m: Measured) -> None:
 # --- main ----------------------------------------------------------------------------
 
 
-def _env_num(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"{QUICK_SAGAS:,} sagas, 20 repetitions")
     p.add_argument(
-        "--sagas", type=int, default=int(_env_num("BENCH_SAGAS", FULL_SAGAS)), help="sagas seeded"
+        "--sagas", type=int, default=int(env_num("BENCH_SAGAS", FULL_SAGAS)), help="sagas seeded"
     )
     p.add_argument(
         "--reps",
         type=int,
-        default=int(_env_num("BENCH_REPS", 40)),
+        default=int(env_num("BENCH_REPS", 40)),
         help="measured repetitions per query and variant",
     )
     p.add_argument(
         "--warmup",
         type=int,
-        default=int(_env_num("BENCH_WARMUP", 5)),
+        default=int(env_num("BENCH_WARMUP", 5)),
         help="unmeasured repetitions first",
     )
     p.add_argument(
         "--budget",
         type=float,
-        default=_env_num("BENCH_BUDGET", 20),
+        default=env_num("BENCH_BUDGET", 20),
         help="s per query at most: slow queries get fewer repetitions (no fewer than --min-reps)",
     )
     p.add_argument("--min-reps", type=int, default=10, help="see --budget")
     p.add_argument(
         "--deep-pages",
         type=int,
-        default=int(_env_num("BENCH_DEEP_PAGES", 200)),
+        default=int(env_num("BENCH_DEEP_PAGES", 200)),
         help="next_cursor followed this many times for the deep keyset page",
     )
     p.add_argument(
@@ -1398,10 +1360,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _base_dsn() -> str:
-    return os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432").rstrip("/")
-
-
 def _loadavg() -> str:
     with contextlib.suppress(OSError):
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -1413,7 +1371,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on kill too
     run_started = time.monotonic()
     load_before = _loadavg()
-    dsn = f"{_base_dsn()}/{DB_NAME}"
+    dsn = f"{base_dsn()}/{DB_NAME}"
     seeded: SeedReport | None = None
     if args.reuse:
         pg_version = server_version(dsn)
@@ -1422,7 +1380,7 @@ def main() -> int:
         args.sagas = row[0] if row else 0
         print(f"reusing {DB_NAME}: {args.sagas:,} sagas", flush=True)
     else:
-        dsn, pg_version = database_recreate(_base_dsn())
+        dsn, pg_version = database_recreate(base_dsn(), DB_NAME)
         env = {**os.environ, "DATABASE_URL": dsn, "DJANGO_SETTINGS_MODULE": SETTINGS, "DEBUG": "0"}
         print(f"database {DB_NAME} recreated; migrating", flush=True)
         manage(env, "migrate", "--noinput", "-v", "0")

@@ -1,0 +1,55 @@
+"""What both benchmark scripts share: the bench database, manage.py, environment settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class BenchError(Exception):
+    """The run failed; its figures would mean nothing."""
+
+
+def env_num(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def base_dsn() -> str:
+    """The PostgreSQL server to measure (``BENCH_PG``), without a database name."""
+    return os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432").rstrip("/")
+
+
+def server_version(dsn: str) -> str:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return row[0] if row else "?"
+
+
+def database_recreate(base: str, name: str) -> tuple[str, str]:
+    """Drop and create a bench database; return its DSN and the server version."""
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        ident = sql.Identifier(name)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+    return f"{base}/{name}", server_version(f"{base}/{name}")
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode:
+        raise BenchError(f"manage.py {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout

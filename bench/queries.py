@@ -41,7 +41,8 @@ or heartbeats added, to make 8), except one saga of 200 events (retries,
 messages, heartbeats) whose saga and step rows are computed by the projection
 itself (``tracking.projection.fold``). The rollups (``SagaCount``,
 ``StepStat``) are computed from the same sagas with the product's own bucket
-and bin functions, and checked against the tables; the delta tables stay empty
+and bin functions (their hourly/daily copies summed from them in SQL), and
+checked against the tables; the delta tables stay empty
 (the state right after a compaction).
 
 Usage: .venv/bin/python bench/queries.py [--quick] [--sagas N] [--reps N] ...
@@ -977,6 +978,18 @@ def rollups_write(dsn: str, rollups: dict[str, Counter[Any]]) -> None:
                 copy.write_row(
                     (_dt(bucket), saga_type, step, bin_, count, rollups["failures"][key])
                 )
+        # The coarse copies are the fine totals summed by hour and by day, as
+        # rollup_compact keeps them (UTC boundaries, like floor_time's epoch).
+        conn.execute(
+            "INSERT INTO tracking_sagacounthour (bucket, saga_type, status, flags, count) "
+            "SELECT date_bin('1 hour', bucket, '2000-01-01 00:00:00+00'), saga_type, status, "
+            "flags, sum(count) FROM tracking_sagacount GROUP BY 1, 2, 3, 4"
+        )
+        conn.execute(
+            "INSERT INTO tracking_stepstatday (bucket, saga_type, step, bin, count, failures) "
+            "SELECT date_bin('1 day', bucket, '2000-01-01 00:00:00+00'), saga_type, step, bin, "
+            "sum(count), sum(failures) FROM tracking_stepstat GROUP BY 1, 2, 3, 4"
+        )
         conn.commit()
 
 
@@ -1000,6 +1013,11 @@ def seed_checks(dsn: str, n: int, events: int) -> list[str]:
             "AND a->>'ended_at' IS NOT NULL"
         ).fetchone()  # type: ignore[misc]
         stat = q("SELECT sum(count), sum(failures) FROM tracking_stepstat").fetchone()
+        coarse = q(
+            "SELECT (SELECT sum(count) FROM tracking_sagacounthour), "
+            "(SELECT sum(count) FROM tracking_stepstatday), "
+            "(SELECT sum(failures) FROM tracking_stepstatday)"
+        ).fetchone()
         events_stored = q("SELECT count(*) FROM tracking_telemetryevent").fetchone()[0]  # type: ignore[index]
         big = q(
             "SELECT saga_id, event_count, (SELECT count(*) FROM tracking_telemetryevent e "
@@ -1015,6 +1033,8 @@ def seed_checks(dsn: str, n: int, events: int) -> list[str]:
         problems.append(f"SagaCount: {counted} of {sagas} sagas, {mismatch} keys differ")
     if stat is None or (stat[0], stat[1]) != (attempts, failures):
         problems.append(f"StepStat {stat} != finished forward attempts ({attempts}, {failures})")
+    if coarse != (counted, *(stat or (None, None))):
+        problems.append(f"coarse rollups {coarse} != fine ({counted}, {stat})")
     if events_stored != events or events != (n - 1) * EVENTS_PER_SAGA + DETAIL_EVENTS:
         problems.append(f"{events_stored} events stored, {events} written")
     if len(big) != 1 or big[0][1] != big[0][2]:

@@ -4,21 +4,32 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from django.db.models import Max, Q, Sum
+from django.db.models import Max, Q, QuerySet, Sum
 
 from tracking.models import (
     TERMINAL_SAGA_STATUSES,
     SagaCount,
     SagaCountDelta,
+    SagaCountHour,
     SagaStatus,
     Service,
     StepStat,
+    StepStatDay,
     StepStatDelta,
     split_delimited,
 )
-from tracking.rollups import SAGA_BUCKET, STEP_BUCKET, bin_upper_ms, floor_time, rollup_compact
+from tracking.rollups import (
+    SAGA_BUCKET,
+    SAGA_BUCKET_COARSE,
+    STEP_BUCKET,
+    STEP_BUCKET_COARSE,
+    bin_upper_ms,
+    floor_time,
+    rollup_compact,
+)
 
 WINDOWS = {
     "15m": timedelta(minutes=15),
@@ -32,6 +43,9 @@ FAILED = {
     SagaStatus.COMPENSATION_FAILED,
     SagaStatus.CANCELLED,
 }
+# Windows longer than this read the coarse rollups (hourly sagas, daily steps)
+# and chart hourly points.
+COARSE_AFTER = timedelta(days=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,33 +82,52 @@ class Overview:
 def overview_get(*, window: str, now: datetime) -> Overview:
     rollup_compact()  # fold what ingest appended; cheap when little is pending
     since = floor_time(now - WINDOWS[window], SAGA_BUCKET)
-    # Totals and the per-bucket series are summed by the database: Python only
-    # sees one row per (status, flags) and one row per bucket.
+    coarse = WINDOWS[window] > COARSE_AFTER
+    point = SAGA_BUCKET_COARSE if coarse else SAGA_BUCKET
+    # Two statements, each a UNION ALL over the sources (fine and coarse
+    # buckets, pending deltas), summed by the database: Python sees one row
+    # per (source, status, flags) and one per (source, bucket).
     statuses: Counter[str] = Counter()
     flags: Counter[str] = Counter()
     series: dict[datetime, Counter[str]] = defaultdict(Counter)
-    for model, column in ((SagaCount, "count"), (SagaCountDelta, "delta")):
-        window_rows = model.objects.filter(bucket__gte=since).order_by()
-        for status, flag_text, n in window_rows.values_list("status", "flags").annotate(
-            n=Sum(column)
-        ):
-            statuses[status] += n
-            for flag in split_delimited(flag_text):
-                flags[flag] += n
-        for bucket, started_n, failed_n, finished_n in window_rows.values_list("bucket").annotate(
+    sources = _tiers(
+        SagaCount, SagaCountHour if coarse else None, SagaCountDelta, since, SAGA_BUCKET_COARSE
+    )
+    columns = ["delta" if qs.model is SagaCountDelta else "count" for qs in sources]
+    totals = [
+        qs.values_list("status", "flags").annotate(n=Sum(column))
+        for qs, column in zip(sources, columns, strict=True)
+    ]
+    for status, flag_text, n in _union(totals):
+        statuses[status] += n
+        for flag in split_delimited(flag_text):
+            flags[flag] += n
+    per_bucket = [
+        qs.values_list("bucket").annotate(
             started=Sum(column),
             failed=Sum(column, filter=Q(status__in=FAILED)),
             finished=Sum(column, filter=Q(status__in=TERMINAL_SAGA_STATUSES)),
-        ):
-            counter = series[bucket]
-            counter["started"] += started_n or 0
-            counter["failed"] += failed_n or 0
-            counter["finished"] += finished_n or 0
-    buckets = _bucket_range(since, now, SAGA_BUCKET)
+        )
+        for qs, column in zip(sources, columns, strict=True)
+    ]
+    for bucket, started_n, failed_n, finished_n in _union(per_bucket):
+        counter = series[floor_time(_aware(bucket), point)]
+        counter["started"] += started_n or 0
+        counter["failed"] += failed_n or 0
+        counter["finished"] += finished_n or 0
+    buckets = _bucket_range(floor_time(since, point), now, point)
     started = [series[b]["started"] for b in buckets]
     failed = [series[b]["failed"] for b in buckets]
     finished = [series[b]["finished"] for b in buckets]
-    steps = _step_rows(since=floor_time(now - WINDOWS[window], STEP_BUCKET))
+    steps = _step_rows(
+        sources=_tiers(
+            StepStat,
+            StepStatDay if coarse else None,
+            StepStatDelta,
+            floor_time(now - WINDOWS[window], STEP_BUCKET),
+            STEP_BUCKET_COARSE,
+        )
+    )
     newest = Service.objects.aggregate(newest=Max("last_event_at"))["newest"]
     return Overview(
         window=window,
@@ -115,6 +148,14 @@ def overview_get(*, window: str, now: datetime) -> Overview:
     )
 
 
+def _union(querysets: list[QuerySet[Any]]) -> QuerySet[Any]:
+    return querysets[0].union(*querysets[1:], all=True)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite in a UNION
+
+
 def _bucket_range(since: datetime, now: datetime, size: timedelta) -> list[datetime]:
     out, at = [], since
     while at <= now:
@@ -123,18 +164,36 @@ def _bucket_range(since: datetime, now: datetime, size: timedelta) -> list[datet
     return out
 
 
-def _step_rows(*, since: datetime) -> list[StepRow]:
+def _tiers(
+    fine: type[Any], coarse: type[Any] | None, pending: type[Any], since: datetime, size: timedelta
+) -> list[QuerySet[Any]]:
+    """Querysets whose rows cover the buckets from ``since`` on, each exactly once.
+
+    With a ``coarse`` table: the fine buckets before its first whole bucket,
+    then the coarse buckets; always the ``pending`` deltas not compacted yet.
+    """
+    if coarse is None:
+        tiers = [fine.objects.filter(bucket__gte=since)]
+    else:
+        edge = floor_time(since, size)
+        edge = edge if edge == since else edge + size
+        tiers = [
+            fine.objects.filter(bucket__gte=since, bucket__lt=edge),
+            coarse.objects.filter(bucket__gte=edge),
+        ]
+    return [qs.order_by() for qs in (*tiers, pending.objects.filter(bucket__gte=since))]
+
+
+def _step_rows(*, sources: list[QuerySet[Any]]) -> list[StepRow]:
     bins: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
     failures: Counter[tuple[str, str]] = Counter()
-    for model in (StepStat, StepStatDelta):
-        rows = (
-            model.objects.filter(bucket__gte=since)
-            .values_list("saga_type", "step", "bin")
-            .annotate(n=Sum("count"), f=Sum("failures"))
-        )
-        for saga_type, step, bin_, n, f in rows:
-            bins[(saga_type, step)][bin_] += n
-            failures[(saga_type, step)] += f
+    grouped = [
+        qs.values_list("saga_type", "step", "bin").annotate(n=Sum("count"), f=Sum("failures"))
+        for qs in sources
+    ]
+    for saga_type, step, bin_, n, f in _union(grouped):
+        bins[(saga_type, step)][bin_] += n
+        failures[(saga_type, step)] += f
     out = []
     for key, histogram in bins.items():
         count = sum(histogram.values())

@@ -11,6 +11,10 @@ Contributions:
 - a saga counts once in (5-minute bucket of ``started_at``, type, status, flags);
 - a finished forward step attempt counts once in (hour of its end, type, step,
   duration bin), as a failure when its outcome is not ``succeeded``.
+Each total also has a coarser copy (``SagaCountHour``: by hour, ``StepStatDay``:
+by day), filled by the same compaction, so a 7-day overview reads ~170 hourly
+buckets instead of ~2,000 five-minute ones (and exactly: the window's partial
+first hour or day comes from the finer table).
 Duration bins are quarter-octaves (``bin = floor(4 * log2(ms + 1))``), so a
 percentile read from them is within about 19 % of the exact value.
 """
@@ -27,10 +31,21 @@ from django.db import connection, transaction
 from django.utils.dateparse import parse_datetime
 
 from tracking.bulk import append, upsert
-from tracking.models import Saga, SagaCount, SagaCountDelta, Step, StepStat, StepStatDelta
+from tracking.models import (
+    Saga,
+    SagaCount,
+    SagaCountDelta,
+    SagaCountHour,
+    Step,
+    StepStat,
+    StepStatDay,
+    StepStatDelta,
+)
 
 SAGA_BUCKET = timedelta(minutes=5)
+SAGA_BUCKET_COARSE = timedelta(hours=1)
 STEP_BUCKET = timedelta(hours=1)
+STEP_BUCKET_COARSE = timedelta(days=1)
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _LOCK_KEY = 0x5A6A_0001
 
@@ -160,21 +175,44 @@ def rollup_compact() -> bool:
             key = (_dt(bucket), saga_type, step, bin_)
             step_totals[key] += count
             step_failures[key] += failures
-        upsert(
-            SagaCount,
-            ["bucket", "saga_type", "status", "flags", "count"],
-            [(*k, n) for k, n in saga_totals.items() if n],
-            conflict=["bucket", "saga_type", "status", "flags"],
-            increment=["count"],
-        )
-        upsert(
-            StepStat,
-            ["bucket", "saga_type", "step", "bin", "count", "failures"],
-            [(*k, n, step_failures[k]) for k, n in step_totals.items() if n or step_failures[k]],
-            conflict=["bucket", "saga_type", "step", "bin"],
-            increment=["count", "failures"],
+        _totals_add(saga_totals, step_totals, step_failures)
+        _totals_add(
+            _coarser(saga_totals, SAGA_BUCKET_COARSE),
+            _coarser(step_totals, STEP_BUCKET_COARSE),
+            _coarser(step_failures, STEP_BUCKET_COARSE),
+            coarse=True,
         )
     return True
+
+
+def _coarser(totals: Counter[Any], size: timedelta) -> Counter[Any]:
+    out: Counter[Any] = Counter()
+    for (bucket, *rest), n in totals.items():
+        out[(floor_time(bucket, size), *rest)] += n
+    return out
+
+
+def _totals_add(
+    sagas: Counter[SagaKey],
+    steps: Counter[StepKey],
+    failures: Counter[StepKey],
+    *,
+    coarse: bool = False,
+) -> None:
+    upsert(
+        SagaCountHour if coarse else SagaCount,
+        ["bucket", "saga_type", "status", "flags", "count"],
+        [(*k, n) for k, n in sagas.items() if n],
+        conflict=["bucket", "saga_type", "status", "flags"],
+        increment=["count"],
+    )
+    upsert(
+        StepStatDay if coarse else StepStat,
+        ["bucket", "saga_type", "step", "bin", "count", "failures"],
+        [(*k, n, failures[k]) for k, n in steps.items() if n or failures[k]],
+        conflict=["bucket", "saga_type", "step", "bin"],
+        increment=["count", "failures"],
+    )
 
 
 def _dt(value: Any) -> datetime:
@@ -195,7 +233,14 @@ def _delete_returning(model: type, columns: str) -> list[tuple[Any, ...]]:
 def rollups_rebuild() -> None:
     """Recompute every rollup from the read model (after ``rebuild_read_model``)."""
     with transaction.atomic():
-        for model in (SagaCount, SagaCountDelta, StepStat, StepStatDelta):
+        for model in (
+            SagaCount,
+            SagaCountHour,
+            SagaCountDelta,
+            StepStat,
+            StepStatDay,
+            StepStatDelta,
+        ):
             model.objects.all().delete()
         totals = Contributions()
         for saga in Saga.objects.filter(event_count__gt=0).iterator(chunk_size=2000):

@@ -12,7 +12,8 @@ from typing import Any
 
 from django.utils.dateparse import parse_datetime
 
-from tracking.models import Saga, TelemetryEvent
+from tracking.models import Saga
+from tracking.selectors import EventRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,7 @@ def _parse(value: Any) -> datetime | None:
     return parse_datetime(value) if isinstance(value, str) else value
 
 
-def saga_timeline_build(*, saga: Saga, events: list[TelemetryEvent], now: datetime) -> Timeline:
+def saga_timeline_build(*, saga: Saga, events: list[EventRow], now: datetime) -> Timeline:
     times = [e.occurred_at for e in events]
     if not times:
         return Timeline(start=None, end=None, span_ms=0)
@@ -111,7 +112,7 @@ def saga_timeline_build(*, saga: Saga, events: list[TelemetryEvent], now: dateti
         previous_end = step.ended_at or previous_end
         lanes.append(Lane(step.name, step.service, step.status, bars, gap))
 
-    published: dict[str, TelemetryEvent] = {}
+    published: dict[str, EventRow] = {}
     arrows: list[Arrow] = []
     for e in events:
         message = e.message or {}
@@ -124,8 +125,8 @@ def saga_timeline_build(*, saga: Saga, events: list[TelemetryEvent], now: dateti
                 Arrow(
                     message=message.get("name", ""),
                     message_id=message["id"],
-                    source=source.service.name,
-                    target=e.service.name,
+                    source=source.service_name,
+                    target=e.service_name,
                     left=left,
                     width=max(pos(e.occurred_at) - left, 0.6),
                     latency_ms=_ms(e.occurred_at - source.occurred_at),

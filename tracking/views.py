@@ -17,6 +17,7 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
+from tracking.fragments import SAGA_ROW_FIELDS, event_rows_html, saga_rows_html, waterfall_html
 from tracking.keys import service_key_create, service_key_revoke
 from tracking.models import SagaStatus, Service, ServiceKey, TelemetryEvent
 from tracking.overview import WINDOWS, overview_get
@@ -73,7 +74,12 @@ def saga_list_page(request: HttpRequest) -> HttpResponse:
     page = None
     try:
         filters = SagaFilter.from_params(_filter_params(request.GET))
-        page = saga_list(filters=filters, sort=sort, cursor=request.GET.get("cursor") or None)
+        page = saga_list(
+            filters=filters,
+            sort=sort,
+            cursor=request.GET.get("cursor") or None,
+            fields=SAGA_ROW_FIELDS,
+        )
     except InvalidFilter as exc:
         error = exc
     next_query = None
@@ -88,8 +94,9 @@ def saga_list_page(request: HttpRequest) -> HttpResponse:
         query.pop("cursor", None)
         query["sort"] = column if sort == f"-{column}" else f"-{column}"
         sort_links[column] = query.urlencode()
+    now = timezone.now()
     context = {
-        "sagas": page.sagas if page else [],
+        "rows": saga_rows_html(page.sagas if page else [], now),
         "error": error,
         "next_query": next_query,
         "is_first_page": not request.GET.get("cursor"),
@@ -99,7 +106,7 @@ def saga_list_page(request: HttpRequest) -> HttpResponse:
         "statuses": SagaStatus.values,
         "flags": FLAGS,
         "q": request.GET,
-        "now": timezone.now(),
+        "now": now,
         "nav": "sagas",
     }
     template = "tracking/saga_list.html"
@@ -122,8 +129,14 @@ def saga_rows_fragment(request: HttpRequest) -> HttpResponse:
     ids = [i for i in request.GET.getlist("id") if i][:200]
     sagas = [s for s in (saga_get(saga_id=i) for i in ids) if s is not None]
     return render(
-        request, "tracking/saga_list.html#saga-rows-oob", {"sagas": sagas, "now": timezone.now()}
+        request,
+        "tracking/saga_list.html#saga-rows-oob",
+        {"rows": saga_rows_html(sagas, timezone.now())},
     )
+
+
+# The detail page shows this many events, all of them with ?events=all.
+EVENTS_FIRST = 50
 
 
 @require_GET
@@ -133,13 +146,16 @@ def saga_detail_page(request: HttpRequest, saga_id: str) -> HttpResponse:
     if saga is None:
         raise Http404(f"No saga with id '{saga_id}'.")
     events = saga_events_list(saga_id=saga_id)
+    shown = events if request.GET.get("events") == "all" else events[:EVENTS_FIRST]
     now = timezone.now()
+    timeline = saga_timeline_build(saga=saga, events=events, now=now)
     context = {
         "saga": saga,
-        "events": events,
-        "timeline": saga_timeline_build(saga=saga, events=events, now=now),
+        "event_rows": event_rows_html(shown, 1, _skew_ms()),
+        "events_more": len(events) - len(shown),
+        "timeline": timeline,
+        "waterfall": waterfall_html(timeline),
         "now": now,
-        "skew_threshold_ms": _skew_ms(),
         "nav": "sagas",
     }
     template = "tracking/saga_detail.html"

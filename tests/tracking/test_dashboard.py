@@ -88,6 +88,28 @@ def test_the_detail_page_shows_the_timeline_and_events(role_client, sagas) -> No
     assert 'data-version="1"' in html
 
 
+def test_the_detail_page_shows_fifty_events_and_the_rest_on_request(api, role_client) -> None:
+    start = {"id": "h0", "saga_id": "long", "saga_type": "order", "type": "saga.started"}
+    beats = [{"id": f"h{i}", "saga_id": "long", "type": "heartbeat"} for i in range(1, 72)]
+    events = [
+        e | {"occurred_at": f"2026-11-26T10:{i // 60:02d}:{i % 60:02d}Z"}
+        for i, e in enumerate([start, *beats])
+    ]
+    assert api.batch(events).json()["accepted"] == 72
+    client = role_client("viewer")
+    html = client.get("/sagas/long").content.decode()
+    assert html.count("<tr><td>") == 50
+    assert '<a href="?events=all">Show the other 22 events</a>' in html
+    assert '<small class="mono">h49</small>' in html
+    assert '<small class="mono">h50</small>' not in html
+    everything = client.get("/sagas/long?events=all").content.decode()
+    assert everything.count("<tr><td>") == 72
+    assert "Show the other" not in everything
+    assert '<small class="mono">h71</small>' in everything
+    # a live refresh asks for the same URL, so an expanded table stays expanded
+    assert 'hx-get="/sagas/long?events=all"' in everything
+
+
 def test_markup_in_reported_strings_is_escaped(api, role_client) -> None:
     script = "<script>alert(1)</script>"
     api.batch(
@@ -104,7 +126,7 @@ def test_markup_in_reported_strings_is_escaped(api, role_client) -> None:
         ]
     )
     client = role_client("viewer")
-    for url in ["/sagas/", f"/sagas/{script}"]:
+    for url in ["/sagas/", f"/sagas/{script}", f"/live/saga-rows?id={script}"]:
         html = client.get(url).content.decode()
         assert script not in html
         assert "&lt;script&gt;" in html

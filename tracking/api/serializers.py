@@ -7,6 +7,7 @@ from datetime import timedelta
 from rest_framework import serializers
 
 from tracking.models import Saga, Step, TelemetryEvent
+from tracking.selectors import EventRow
 
 
 class StepSerializer(serializers.ModelSerializer):
@@ -67,7 +68,7 @@ class SagaDetailSerializer(SagaSerializer):
 
 class EventSerializer(serializers.ModelSerializer):
     id = serializers.CharField(source="event_id")
-    service = serializers.CharField(source="service.name")
+    service = serializers.CharField(source="service_name")
     version = serializers.IntegerField(source="protocol_version")
     skew_ms = serializers.SerializerMethodField()
 
@@ -96,6 +97,6 @@ class EventSerializer(serializers.ModelSerializer):
             "span_id",
         ]
 
-    def get_skew_ms(self, event: TelemetryEvent) -> int:
+    def get_skew_ms(self, event: EventRow) -> int:
         """Reporter clock minus server receive time, in milliseconds."""
         return int((event.occurred_at - event.received_at) / timedelta(milliseconds=1))

@@ -18,13 +18,3 @@ def duration(ms: int | float | None) -> str:
 @register.filter
 def role_of(user: Any) -> str:
     return user_role(user) or "no role"
-
-
-@register.filter
-def skew_ms(event: Any) -> int:
-    return int((event.occurred_at - event.received_at).total_seconds() * 1000)
-
-
-@register.filter
-def absval(value: int) -> int:
-    return abs(value)

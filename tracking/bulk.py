@@ -9,12 +9,16 @@ other databases the same calls use the ORM's bulk operations.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from django.db import connection, models
+import psycopg
+from django.db import connection, models, transaction
 
 Row = Sequence[Any]
 
@@ -33,13 +37,42 @@ def _field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
     return field
 
 
-def _copy(
-    cursor: Any, table: str, names: str, fields: list[models.Field[Any, Any]], rows: Sequence[Row]
-) -> None:
+def _column(field: models.Field[Any, Any]) -> str:
+    return connection.ops.quote_name(field.column or field.name)
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # one per (model, columns): hashed by identity
+class _Shape:
+    """What writing ``columns`` of ``model`` needs, computed once per process."""
+
+    table: str
+    names: str
+    fields: list[models.Field[Any, Any]]
+    json: frozenset[int]  # indexes of JSON columns (sent as encoded text)
+    array_types: list[str]  # element types for unnest
+    stage: str  # temporary staging table for COPY
+
+
+@functools.cache
+def _shape(model: type[models.Model], columns: tuple[str, ...]) -> _Shape:
+    fields = _fields(model, columns)
+    names = ", ".join(_column(f) for f in fields)
+    tag = hashlib.sha1(f"{model._meta.db_table}:{names}".encode(), usedforsecurity=False)
+    return _Shape(
+        table=connection.ops.quote_name(model._meta.db_table),
+        names=names,
+        fields=fields,
+        json=frozenset(i for i, f in enumerate(fields) if isinstance(f, models.JSONField)),
+        array_types=[_array_type(f) for f in fields],
+        stage=f"stage_{tag.hexdigest()[:12]}",
+    )
+
+
+def _copy(cursor: Any, table: str, shape: _Shape, rows: Sequence[Row]) -> None:
     """COPY rows in text format; JSON columns go as their encoded text."""
-    json_columns = [i for i, f in enumerate(fields) if isinstance(f, models.JSONField)]
+    json_columns = shape.json
     encode = msgspec.json.encode
-    with cursor.cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+    with cursor.cursor.copy(f"COPY {table} ({shape.names}) FROM STDIN") as copy:
         for row in rows:
             if json_columns:
                 row = list(row)
@@ -49,25 +82,37 @@ def _copy(
             copy.write_row(row)
 
 
-def _column(field: models.Field[Any, Any]) -> str:
-    return connection.ops.quote_name(field.column or field.name)
+# Staging tables this process created, per database connection, and those
+# filled since the connection's last commit (ON COMMIT DELETE ROWS empties them).
+_created: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_filled: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
-def _stage(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]) -> str:
-    """COPY rows into a per-connection temporary table shaped like ``model``'s columns."""
-    fields = _fields(model, columns)
-    table = connection.ops.quote_name(model._meta.db_table)
-    names = ", ".join(_column(f) for f in fields)
-    tag = hashlib.sha1(f"{model._meta.db_table}:{names}".encode(), usedforsecurity=False)
-    stage = f"stage_{tag.hexdigest()[:12]}"
+def _stage(shape: _Shape, rows: Sequence[Row]) -> str:
+    """COPY rows into a per-connection temporary table shaped like the columns.
+
+    Created once per connection (not re-created by every batch); emptied
+    before reuse within a transaction. Must run inside a transaction (the rows
+    vanish at commit).
+    """
+    raw = connection.connection
+    created = _created.setdefault(raw, set())
+    filled = _filled.setdefault(raw, set())
+    stage = shape.stage
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "  # noqa: S608
-            f"SELECT {names} FROM {table} WITH NO DATA"
-        )
-        cursor.execute(f"TRUNCATE {stage}")
-        _copy(cursor, stage, names, fields, rows)
-    return stage
+        if stage not in created:  # known only once a commit kept the CREATE
+            cursor.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "  # noqa: S608
+                f"SELECT {shape.names} FROM {shape.table} WITH NO DATA"
+            )
+            transaction.on_commit(lambda: created.add(stage))
+        if stage in filled:  # used earlier in this transaction (or one that rolled back)
+            cursor.execute(f"TRUNCATE {stage}")
+        else:
+            filled.add(stage)
+            transaction.on_commit(lambda: filled.discard(stage))
+        _copy(cursor, shape.stage, shape, rows)
+    return shape.stage
 
 
 COPY_MIN_ROWS = 64  # below this, one multi-row VALUES statement is fewer round trips
@@ -83,20 +128,19 @@ def _insert(
     """
     if not rows:
         return []
-    fields = _fields(model, columns)
-    table = connection.ops.quote_name(model._meta.db_table)
-    names = ", ".join(_column(f) for f in fields)
+    shape = _shape(model, tuple(columns))
+    table, names, fields = shape.table, shape.names, shape.fields
     returns = "RETURNING" in suffix
     if _is_pg() and len(rows) >= COPY_MIN_ROWS:
-        stage = _stage(model, columns, rows)
+        stage = _stage(shape, rows)
         with connection.cursor() as cursor:
             cursor.execute(
                 f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "  # noqa: S608
                 f"ORDER BY ctid {suffix}"
             )
-            return [r[0] for r in cursor.fetchall()] if returns else []
+            return list(cursor.fetchall()) if returns else []
     if _is_pg():  # one statement, one array parameter per column
-        return _unnest_insert(table, names, fields, rows, suffix, returns)
+        return _unnest_insert(shape, rows, suffix, returns)
     out: list[Any] = []
     row_sql = "(" + ", ".join(["%s"] * len(fields)) + ")"
     for start in range(0, len(rows), 500):
@@ -113,36 +157,39 @@ def _insert(
                 params,
             )
             if returns:
-                out += [r[0] for r in cursor.fetchall()]
+                out += cursor.fetchall()
     return out
 
 
-def _unnest_insert(
-    table: str,
-    names: str,
-    fields: list[models.Field[Any, Any]],
-    rows: Sequence[Row],
-    suffix: str,
-    returns: bool,
-) -> list[Any]:
-    columns: list[list[Any]] = [[] for _ in fields]
-    json_columns = {i for i, f in enumerate(fields) if isinstance(f, models.JSONField)}
+@functools.cache
+def _unnest_sql(shape: _Shape, suffix: str) -> str:
+    aliases = ", ".join(f"c{i}" for i in range(len(shape.fields)))
+    return (
+        f"INSERT INTO {shape.table} ({shape.names}) SELECT {aliases} FROM unnest("  # noqa: S608
+        + ", ".join(f"%s::{t}[]" for t in shape.array_types)
+        + f") WITH ORDINALITY AS u({aliases}, ord) ORDER BY ord {suffix}"
+    )
+
+
+def _unnest_insert(shape: _Shape, rows: Sequence[Row], suffix: str, returns: bool) -> list[Any]:
+    columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
     encode = msgspec.json.encode
-    for row in rows:
-        for i, value in enumerate(row):
-            if i in json_columns and value is not None:
-                value = encode(value).decode()
-            columns[i].append(value)
-    types = [_array_type(f) for f in fields]
-    aliases = ", ".join(f"c{i}" for i in range(len(fields)))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {table} ({names}) SELECT {aliases} FROM unnest("  # noqa: S608
-            + ", ".join(f"%s::{t}[]" for t in types)
-            + f") WITH ORDINALITY AS u({aliases}, ord) ORDER BY ord {suffix}",
-            columns,
-        )
-        return [r[0] for r in cursor.fetchall()] if returns else []
+    for i in shape.json:
+        columns[i] = [None if v is None else encode(v).decode() for v in columns[i]]
+    # Server-side binding: the arrays travel as parameters (no quoting them into
+    # the SQL text), and the repeated statement gets prepared by psycopg.
+    connection.ensure_connection()
+    with connection.wrap_database_errors:
+        raw_cursor = psycopg.Cursor(connection.connection)
+    cursor = (
+        # django-stubs type these as taking a CursorWrapper; Django wraps a DB-API cursor
+        connection.make_debug_cursor(raw_cursor)  # type: ignore[arg-type]
+        if connection.queries_logged
+        else connection.make_cursor(raw_cursor)  # type: ignore[arg-type]
+    )
+    with cursor:
+        cursor.execute(_unnest_sql(shape, suffix), columns)
+        return list(cursor.fetchall()) if returns else []
 
 
 def _array_type(field: models.Field[Any, Any]) -> str:
@@ -159,12 +206,19 @@ def insert_ignore_returning(
     rows: Sequence[Row],
     *,
     conflict: Sequence[str],
-    returning: str,
+    returning: str | Sequence[str],
 ) -> list[Any]:
-    """INSERT rows, skipping conflicts on ``conflict``; return ``returning`` of the stored ones."""
+    """INSERT rows, skipping conflicts on ``conflict``; return ``returning`` of the stored ones.
+
+    One column name gives a list of values, several a list of tuples.
+    """
     on = ", ".join(_column(_field(model, c)) for c in conflict)
-    back = _column(_field(model, returning))
-    return _insert(model, columns, rows, f"ON CONFLICT ({on}) DO NOTHING RETURNING {back}")
+    names = [returning] if isinstance(returning, str) else list(returning)
+    back = ", ".join(_column(_field(model, c)) for c in names)
+    rows_back = _insert(model, columns, rows, f"ON CONFLICT ({on}) DO NOTHING RETURNING {back}")
+    if isinstance(returning, str):
+        return [r[0] for r in rows_back]
+    return [tuple(r) for r in rows_back]
 
 
 def upsert(

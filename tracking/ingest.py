@@ -27,7 +27,7 @@ from tracking.protocol import (
     decode_event,
     normalise_times,
 )
-from tracking.read_model import read_model_refold, stored_events_get
+from tracking.read_model import read_model_create, read_model_refold, stored_events_get
 
 ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
 
@@ -126,8 +126,9 @@ def events_ingest(
     """Ingest raw protocol events reported by ``service``, in one transaction.
 
     Joins the caller's transaction when there is one (the orchestrator reports
-    in the transaction of its own transition). Locks the touched saga rows in
-    saga-id order, so concurrent batches never deadlock.
+    in the transaction of its own transition). Writes and locks in one order
+    in every transaction, so concurrent batches never deadlock (see
+    ``_store_and_project``).
     """
     received_at = (received_at or datetime.now(UTC)).astimezone(UTC)
     valid, results = _validate(raws, service)
@@ -171,22 +172,15 @@ def service_touch(*, service: Service, at: datetime) -> None:
 def _store_and_project(
     service: Service, valid: list[_Valid], received_at: datetime, results: dict[int, EventResult]
 ) -> list[str]:
-    saga_ids = sorted({v.event.saga_id for v in valid})
-    insert_ignore_returning(
-        Saga,
-        _NEW_SAGA_COLUMNS,
-        [(s, *_NEW_SAGA) for s in saga_ids],
-        conflict=("saga_id",),
-        returning="saga_id",
-    )
-    sagas = {
-        row[1]: LockedSaga(*row)
-        for row in Saga.objects.select_for_update()
-        .filter(saga_id__in=saga_ids)
-        .order_by("saga_id")
-        .values_list(*LockedSaga.__dataclass_fields__)
-    }
-    valid.sort(key=lambda v: v.event.id)  # one insert order everywhere: no deadlocks
+    """Store the events, then project the sagas they belong to.
+
+    Order of writes, the same in every transaction (so none deadlock): events
+    by event id, then rows of new sagas by saga id, then locks on the other
+    sagas by saga id. The lock comes before the saga's events are re-read, so
+    a concurrent batch for the same saga folds after this one commits and
+    sees its events.
+    """
+    valid.sort(key=lambda v: v.event.id)
     inserted = _insert_events(service, valid, received_at)
     rest = [v for v in valid if v.event.id not in inserted]
     existing = (
@@ -207,35 +201,22 @@ def _store_and_project(
             results[v.index] = EventResult(v.index, v.event.id, DUPLICATE)
         else:
             results[v.index] = _conflict(v.index, v.event.id, "an event stored earlier")
-    # Sagas seen for the first time fold from this batch alone; others re-read their events.
-    old = [s for s in new_by_saga if sagas[s].event_count > 0]
-    events = stored_events_get(saga_ids=old) if old else {}
-    for saga_id, fresh in new_by_saga.items():
-        if sagas[saga_id].event_count == 0:
-            events[saga_id] = fresh
-    read_model_refold(sagas={s: sagas[s] for s in new_by_saga}, events=events)
-    empty = [s for s in saga_ids if s not in new_by_saga and sagas[s].event_count == 0]
-    if empty:  # rows created above for sagas whose every event was a conflict
-        Saga.objects.filter(saga_id__in=empty, event_count=0).delete()
+    if not new_by_saga:
+        return []
+    # Sagas seen for the first time: their rows straight from this batch's events.
+    created = read_model_create(events=new_by_saga)
+    # The others: lock their rows, re-read every stored event, re-fold.
+    known = sorted(s for s in new_by_saga if s not in created)
+    if known:
+        sagas = {
+            row[1]: LockedSaga(*row)
+            for row in Saga.objects.select_for_update()
+            .filter(saga_id__in=known)
+            .order_by("saga_id")
+            .values_list(*LockedSaga.__dataclass_fields__)
+        }
+        read_model_refold(sagas=sagas, events=stored_events_get(saga_ids=known))
     return sorted(new_by_saga)
-
-
-# A saga row before its first fold: the NOT NULL columns with their defaults.
-_NEW_SAGA_COLUMNS = (
-    "saga_id",
-    "saga_type",
-    "status",
-    "current_step",
-    "idempotency_key",
-    "attributes",
-    "services",
-    "trace_ids",
-    "flags",
-    "anomalies",
-    "event_count",
-    "version",
-)
-_NEW_SAGA: tuple[object, ...] = ("", "running", "", "", {}, "", [], "", [], 0, 0)
 
 
 def _fold_event(e: EventV1, received_at: datetime) -> FoldEvent:

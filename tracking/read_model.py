@@ -2,7 +2,9 @@
 
 Used by ingest (for the sagas a batch touched) and by ``rebuild_read_model``
 (for any or all sagas). Both go through :func:`read_model_refold`, so the two
-paths cannot drift apart.
+paths cannot drift apart; ingest creates the rows of sagas it sees for the
+first time with :func:`read_model_create` (the same fold and row values, one
+INSERT instead of a placeholder row, a lock and an UPDATE).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 
-from tracking.bulk import upsert
+from tracking.bulk import append, insert_ignore_returning, upsert
 from tracking.live import notify_sagas_changed
 from tracking.models import Saga, Step, TelemetryEvent, join_delimited
 from tracking.projection import FoldEvent, SagaState, fold
@@ -185,20 +187,7 @@ def read_model_refold(
             saga=saga_row_contribution(row),
             steps=step_contribution(saga_type=row.saga_type, steps=old_steps.get(row.pk, [])),
         )
-        contributions.add(
-            sign=1,
-            saga=saga_contribution(
-                saga_type=state.saga_type,
-                status=state.status,
-                flags=str(values["flags"]),
-                started_at=state.started_at,
-                event_count=state.event_count,
-            ),
-            steps=step_contribution(
-                saga_type=state.saga_type,
-                steps=[(s.name, s.attempts) for s in state.steps.values()],
-            ),
-        )
+        _contribution_add(contributions, state, values)
         if bump == "if_changed":
             had_steps.append(row.pk)  # rebuild: the rows may hold anything
         elif {name for name, _ in old_steps.get(row.pk, ())} - state.steps.keys():
@@ -224,6 +213,64 @@ def read_model_refold(
         contributions.write()
         notify_sagas_changed(versions=[(r[1], r[2]) for r in saga_rows])
     return states
+
+
+def read_model_create(*, events: Mapping[str, list[FoldEvent]]) -> set[str]:
+    """Insert the rows of sagas that have none yet, folded from ``events`` alone.
+
+    For ingest: a saga without a row has no stored events either (both are
+    written in one transaction), so the batch's events are all of them. A saga
+    whose row exists, or that a concurrent transaction creates first, is left
+    out (the INSERT skips it) and not in the returned ids: the caller locks and
+    re-folds those. Rows go in saga-id order, like every saga write.
+    Precondition: inside a transaction.
+    """
+    assert transaction.get_connection().in_atomic_block
+    threshold = skew_threshold()
+    states = {s: fold(s, events[s], skew_threshold=threshold) for s in sorted(events)}
+    values = {s: saga_row_values(state) for s, state in states.items()}
+    created = dict(
+        insert_ignore_returning(
+            Saga,
+            ["saga_id", "version", *SAGA_FIELDS],
+            [[s, 1, *v.values()] for s, v in values.items()],
+            conflict=("saga_id",),
+            returning=("saga_id", "id"),
+        )
+    )
+    contributions = Contributions()
+    step_rows: list[list[Any]] = []
+    for saga_id, pk in created.items():
+        state = states[saga_id]
+        _contribution_add(contributions, state, values[saga_id])
+        step_rows += [
+            [pk, st.name, *(getattr(st, f) for f in STEP_FIELDS)] for st in state.steps.values()
+        ]
+    if created:
+        append(Step, ["saga", "name", *STEP_FIELDS], step_rows)
+        contributions.write()
+        notify_sagas_changed(versions=[(saga_id, 1) for saga_id in created])
+    return set(created)
+
+
+def _contribution_add(
+    contributions: Contributions, state: SagaState, values: dict[str, object]
+) -> None:
+    """Add a folded saga's rollup contribution (its status bucket, its finished steps)."""
+    contributions.add(
+        sign=1,
+        saga=saga_contribution(
+            saga_type=state.saga_type,
+            status=state.status,
+            flags=str(values["flags"]),
+            started_at=state.started_at,
+            event_count=state.event_count,
+        ),
+        steps=step_contribution(
+            saga_type=state.saga_type,
+            steps=[(s.name, s.attempts) for s in state.steps.values()],
+        ),
+    )
 
 
 def _delete_stale_steps(saga_pks: list[int], steps: list[list[Any]]) -> None:

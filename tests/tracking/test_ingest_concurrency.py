@@ -12,8 +12,10 @@ import pytest
 from django.db import connections
 from django.test import Client
 
+from tests.tracking.test_rebuild import rollup_totals
 from tracking.models import Saga, TelemetryEvent
 from tracking.read_model import read_model_rebuild
+from tracking.rollups import rollup_compact
 
 T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 STEPS = ["order", "payment", "stock", "shipping"]
@@ -107,4 +109,9 @@ def test_overlapping_concurrent_batches_for_the_same_sagas(postgres, service_key
         assert saga.status == "completed", saga.saga_id
         assert saga.event_count == len(STEPS) * 2 + 2
         assert saga.steps.filter(status="succeeded").count() == len(STEPS)
+    # and the rollups the batches appended add up to what a rebuild computes
+    rollup_compact()
+    appended = rollup_totals()
+    assert sum(appended[0].values()) == len(sagas)
     assert read_model_rebuild()["changed"] == 0
+    assert rollup_totals() == appended

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
+
+from outbox.versions import message_type
 
 CURRENT_VERSION = 1
 
@@ -97,11 +98,12 @@ class _Peek(msgspec.Struct):
 
 
 # --- upcasting -------------------------------------------------------------
-# Each entry turns a decoded event of version N into version N + 1. Version 1
-# is the first, so the chain is empty today; docs/protocol.md says how to add one.
-Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
-UPCASTERS: dict[int, Upcaster] = {}
-SUPPORTED_VERSIONS = tuple(range(1, CURRENT_VERSION + 1))
+# The telemetry protocol is a message type in outbox.versions like any other:
+# an upcaster registered there turns a decoded event of version N into N + 1
+# (``@upcaster(PROTOCOL, N)``). Version 1 is the first, so the chain is empty
+# today; docs/protocol.md says how to add one.
+PROTOCOL = "sagaadmin.telemetry"
+PROTOCOL_TYPE = message_type(PROTOCOL, current=CURRENT_VERSION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,18 +188,15 @@ def _decode(raw: msgspec.Raw | bytes, version: int) -> EventV1:
     try:
         if version == CURRENT_VERSION:
             event = msgspec.json.decode(raw, type=EventV1)
-        elif version in SUPPORTED_VERSIONS:
-            data = msgspec.json.decode(raw, type=dict[str, Any])
-            while version < CURRENT_VERSION:
-                data = UPCASTERS[version](data)
-                version += 1
+        elif version in PROTOCOL_TYPE.supported():
+            data = PROTOCOL_TYPE.upcast(version, msgspec.json.decode(raw, type=dict[str, Any]))
             data["version"] = CURRENT_VERSION
             event = msgspec.convert(data, EventV1)
         else:
             raise EventRejected(
                 "version",
                 f"unsupported protocol version {version}; supported: "
-                + ", ".join(map(str, SUPPORTED_VERSIONS)),
+                + ", ".join(map(str, PROTOCOL_TYPE.supported())),
             )
     except msgspec.ValidationError as exc:
         raise _field_error(exc) from exc

@@ -23,3 +23,8 @@ def can_view(user: Any) -> bool:
 
 def can_manage_keys(user: Any) -> bool:
     return bool(getattr(user, "is_authenticated", False)) and user.has_perm("tracking.manage_keys")
+
+
+def can_act(user: Any) -> bool:
+    """Operators and admins: operator actions, requeueing dead outbox messages."""
+    return bool(getattr(user, "is_authenticated", False)) and user.has_perm("tracking.act_on_saga")

@@ -8,6 +8,8 @@ urlpatterns = [
     path("live/saga-rows", views.saga_rows_fragment, name="saga-rows"),
     re_path(r"^sagas/(?P<saga_id>.+)$", views.saga_detail_page, name="saga-detail"),
     path("services/", views.services_page, name="services"),
+    path("outbox/", views.outbox_page, name="outbox"),
+    path("outbox/requeue", views.outbox_requeue_view, name="outbox-requeue"),
     path("services/keys", views.service_key_create_view, name="service-key-create"),
     path(
         "services/keys/<str:prefix>/revoke",

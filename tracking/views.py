@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from functools import wraps
 from typing import Any
+from uuid import UUID
 
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -17,11 +18,14 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
+from outbox.maintenance import dead_requeue, outbox_stats
+from outbox.models import OutboxMessage
+from outbox.models import Status as OutboxStatus
 from tracking.fragments import SAGA_ROW_FIELDS, event_rows_html, saga_rows_html, waterfall_html
 from tracking.keys import service_key_create, service_key_revoke
 from tracking.models import SagaStatus, Service, ServiceKey, TelemetryEvent
 from tracking.overview import WINDOWS, overview_get
-from tracking.roles import can_manage_keys, can_view
+from tracking.roles import can_act, can_manage_keys, can_view
 from tracking.selectors import (
     InvalidFilter,
     SagaFilter,
@@ -255,3 +259,43 @@ def overview_page(request: HttpRequest) -> HttpResponse:
             },
         },
     )
+
+
+@require_GET
+@viewer_required
+def outbox_page(request: HttpRequest) -> HttpResponse:
+    return render(request, "tracking/outbox.html", _outbox_context(request))
+
+
+def _outbox_context(request: HttpRequest, **extra: Any) -> dict[str, Any]:
+    now = timezone.now()
+    stats = outbox_stats()
+    return {
+        "stats": stats,
+        "lag_ms": None if (lag := stats.lag(now)) is None else lag.total_seconds() * 1000,
+        "dead": OutboxMessage.objects.filter(status=OutboxStatus.DEAD).order_by("-seq")[:50],
+        "can_act": can_act(request.user),
+        "now": now,
+        "nav": "outbox",
+        "notice": request.session.pop("outbox_notice", None),
+        **extra,
+    }
+
+
+@require_POST
+@viewer_required
+def outbox_requeue_view(request: HttpRequest) -> HttpResponse:
+    """Requeue one dead message (``id``) or every dead one (``all``); operators only."""
+    if not can_act(request.user):
+        raise PermissionDenied("Only operators and admins requeue messages.")
+    message_id = request.POST.get("id", "").strip()
+    try:
+        if request.POST.get("all") == "1":
+            count = dead_requeue(all_dead=True)
+        else:
+            count = dead_requeue(message_ids=[str(UUID(message_id))])
+    except ValueError:
+        context = _outbox_context(request, error=f"id: not a message id: {message_id!r}")
+        return render(request, "tracking/outbox.html", context, status=400)
+    request.session["outbox_notice"] = f"Requeued {count} message{'s' if count != 1 else ''}."
+    return redirect("outbox")

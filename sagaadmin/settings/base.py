@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "tracking",
+    "outbox",
 ]
 
 MIDDLEWARE = [
@@ -124,8 +125,6 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
-BROKER_URL = env.str("BROKER_URL", default="")
-
 # --- auth -----------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -175,6 +174,23 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
 }
+
+# --- outbox and broker ----------------------------------------------------
+# inprocess:// (embedded default: handlers in this process) or amqp://user:pass@host/vhost
+BROKER_URL = env.str("BROKER_URL", default="inprocess://")
+OUTBOX = {
+    "BATCH_SIZE": env.int("OUTBOX_BATCH_SIZE", default=500),
+    # after this many failed attempts a message is dead (kept for an operator)
+    "MAX_ATTEMPTS": env.int("OUTBOX_MAX_ATTEMPTS", default=10),
+    "BACKOFF_BASE_SECONDS": env.float("OUTBOX_BACKOFF_BASE_SECONDS", default=1.0),
+    "BACKOFF_MAX_SECONDS": env.float("OUTBOX_BACKOFF_MAX_SECONDS", default=300.0),
+    # how long the relay sleeps when idle without a NOTIFY (SQLite: always polls)
+    "POLL_SECONDS": env.float("OUTBOX_POLL_SECONDS", default=1.0),
+    # run_worker deletes published messages older than this (dead ones stay)
+    "RETENTION_DAYS": env.float("OUTBOX_RETENTION_DAYS", default=7.0),
+}
+# BROKER_URL=webhook://: topic -> [{"url": ..., "secret": ...}] (docs/outbox-transports.md)
+OUTBOX_WEBHOOKS = env.json("OUTBOX_WEBHOOKS", default={})
 
 # --- Saga Admin -----------------------------------------------------------
 SAGAADMIN = {

@@ -505,3 +505,31 @@ def test_a_saga_not_on_the_page_shows_a_banner_to_the_current_filter(page_for, e
     banner.get_by_role("link").click()
     expect(page).to_have_url(re.compile(r"status=compensated"))
     expect(_rows(page)).to_have_count(1)
+
+
+def test_an_operator_requeues_a_dead_outbox_message_from_the_page(page_for, e2e) -> None:
+    # given dead and pending outbox messages, and an operator
+    from django.db import transaction
+
+    import outbox
+    from outbox.models import OutboxMessage
+
+    with transaction.atomic():
+        dead = outbox.publish(topic="alerts", key="order-1001", type="alert.stuck", payload={})
+        outbox.publish(topic="orders", key="order-1002", type="order.paid", payload={})
+    OutboxMessage.objects.filter(seq=dead.seq).update(
+        status="dead", attempts=10, last_error="TransportError: RabbitMQ did not confirm"
+    )
+    user_create("operator", "olga")
+    page = page_for()
+    login(page, "olga", "/outbox/")
+    # then the page shows the counts and the dead message with its error
+    expect(page.get_by_role("heading", level=1)).to_have_text("Outbox")
+    expect(page.locator("dl.facts")).to_contain_text("Pending")
+    expect(page.locator("table.outbox")).to_contain_text("RabbitMQ did not confirm")
+    screenshot(page, "dashboard-outbox")
+    # when they press Requeue
+    page.get_by_role("button", name=f"Requeue message {dead.message_id}").click()
+    # then the message is pending again and the page says so
+    expect(page.locator("p.notice")).to_have_text("Requeued 1 message.")
+    expect(page.locator("table.outbox")).to_contain_text("No dead messages.")

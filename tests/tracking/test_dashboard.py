@@ -11,7 +11,7 @@ from django.test import Client
 from tests.tracking.test_read_api import saga_events
 from tracking.models import ServiceKey
 
-PAGES = ["/", "/sagas/", "/services/"]
+PAGES = ["/", "/sagas/", "/services/", "/outbox/"]
 
 
 @pytest.fixture

@@ -1,0 +1,83 @@
+"""``publish()``: the one way anything in Saga Admin sends a message."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from django.db import connection
+from django.utils import timezone
+
+from outbox.models import OutboxMessage
+
+NOTIFY_CHANNEL = "sagaadmin_outbox"
+# The writers' per-key lock (one bigint key); the relay uses the two-int key space.
+KEY_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+
+
+class OutsideTransaction(RuntimeError):
+    """publish() was called outside ``transaction.atomic()``."""
+
+
+def encode_payload(payload: Any) -> str:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8; the same value gives the same text."""
+    try:
+        return msgspec.json.encode(payload, order="sorted").decode()
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise ValueError(f"payload: not JSON-serialisable ({exc})") from exc
+
+
+def publish(
+    *,
+    topic: str,
+    key: str,
+    type: str,
+    payload: Any,
+    version: int = 1,
+    headers: Mapping[str, str] | None = None,
+    available_at: datetime | None = None,
+) -> OutboxMessage:
+    """Queue a message in the caller's transaction; the relay sends it after commit.
+
+    ``topic``: where it goes (the RabbitMQ exchange, the stream, the subject);
+    ``key``: the ordering key (an aggregate id): messages of one key are
+    published in the order their transactions commit; on PostgreSQL the
+    transaction holds the key's lock from here to its end, so publish last and
+    commit soon, and take several keys in one order (sorted) to avoid
+    deadlocks. Raises :class:`OutsideTransaction` outside
+    ``transaction.atomic()`` — a message written on its own could be sent for a
+    change that then rolls back, or be lost for one that commits.
+    """
+    if not connection.in_atomic_block:
+        raise OutsideTransaction(
+            "outbox.publish() must run inside transaction.atomic(), together with the "
+            "change the message announces"
+        )
+    for name, value in (("topic", topic), ("key", key), ("type", type)):
+        if not isinstance(value, str) or not value or len(value) > 200:
+            raise ValueError(f"{name}: a non-empty string of at most 200 characters")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError("version: an integer >= 1")
+    clean_headers = {str(k): str(v) for k, v in (headers or {}).items()}
+    message = OutboxMessage(
+        aggregatetype=topic,
+        aggregateid=key,
+        type=type,
+        version=version,
+        payload=encode_payload(payload),
+        headers=clean_headers,
+        available_at=available_at or timezone.now(),
+    )
+    if connection.vendor == "postgresql":
+        # Per-key commit order: publishers of one key take turns from here to
+        # their commit, so the key's sequence numbers are taken in commit order
+        # (docs/outbox.md, "Per-key order"). Released when the transaction ends.
+        with connection.cursor() as cursor:
+            cursor.execute(KEY_LOCK_SQL, [f"{topic}/{key}"])
+    message.save(force_insert=True)
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:  # delivered at commit, once per transaction
+            cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+    return message

@@ -1,0 +1,263 @@
+"""The relay: claim committed messages, publish them, mark them after the broker confirmed.
+
+One claim is one transaction: ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL)
+takes up to ``batch_size`` pending rows in sequence order; the transport sends
+them and waits for the confirms; the rows are marked published (or given a
+later ``available_at``, or dead) and the transaction commits. A crash before
+the commit sends the batch again: delivery is at least once, consumers dedupe
+by message id (the inbox).
+
+Order per key (docs/outbox.md): ``publish()`` makes the writers of one key
+take turns until they commit, so a key's committed rows are always a prefix
+of its sequence numbers, in commit order. The relay sends them in that order;
+a row waits while an earlier row of its key waits for a retry, and relays
+claim a key under an advisory lock, so two relays never send one key's
+messages side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
+
+from outbox import versions
+from outbox.api import NOTIFY_CHANNEL
+from outbox.models import OutboxMessage, Status
+from outbox.transports.base import Outgoing, Permanent, Skipped, Transport
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = "o.seq, o.id, o.aggregatetype, o.aggregateid, o.type, o.version, o.payload, o.headers"
+_CLAIM_POSTGRES = f"""
+SELECT {_COLUMNS}
+FROM outbox_outboxmessage o
+WHERE o.status = 'pending' AND o.available_at <= %(now)s
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox_outboxmessage b
+      WHERE b.status = 'pending' AND b.aggregatetype = o.aggregatetype
+        AND b.aggregateid = o.aggregateid AND b.seq < o.seq AND b.available_at > %(now)s)
+  AND pg_try_advisory_xact_lock(%(lock_space)s, hashtext(o.aggregatetype || '/' || o.aggregateid))
+ORDER BY o.seq
+LIMIT %(limit)s
+FOR UPDATE OF o SKIP LOCKED
+"""  # noqa: S608 - constant SQL
+_RELAY_LOCK_SPACE = 0x5A6A_0002  # two-int advisory keys: (this, hash of topic/key)
+# SQLite has one writer at a time (BEGIN IMMEDIATE): commit order is sequence order.
+_CLAIM_SQLITE = f"""
+SELECT {_COLUMNS}
+FROM outbox_outboxmessage o
+WHERE o.status = 'pending' AND o.available_at <= %(now)s
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox_outboxmessage b
+      WHERE b.status = 'pending' AND b.aggregatetype = o.aggregatetype
+        AND b.aggregateid = o.aggregateid AND b.seq < o.seq AND b.available_at > %(now)s)
+ORDER BY o.seq
+LIMIT %(limit)s
+"""  # noqa: S608 - constant SQL
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    batch_size: int = 500
+    max_attempts: int = 10
+    backoff_base: float = 1.0  # seconds before the first retry
+    backoff_max: float = 300.0
+    poll_seconds: float = 1.0
+
+    @classmethod
+    def from_settings(cls) -> RelaySettings:
+        cfg = settings.OUTBOX
+        return cls(
+            batch_size=cfg["BATCH_SIZE"],
+            max_attempts=cfg["MAX_ATTEMPTS"],
+            backoff_base=cfg["BACKOFF_BASE_SECONDS"],
+            backoff_max=cfg["BACKOFF_MAX_SECONDS"],
+            poll_seconds=cfg["POLL_SECONDS"],
+        )
+
+
+def backoff(attempts: int, cfg: RelaySettings) -> timedelta:
+    """Exponential, capped, with "equal jitter": between half and all of the step."""
+    step = min(cfg.backoff_base * 2 ** max(attempts - 1, 0), cfg.backoff_max)
+    return timedelta(seconds=step * random.uniform(0.5, 1.0))
+
+
+@dataclass
+class BatchResult:
+    published: int = 0
+    retried: int = 0
+    dead: int = 0
+    skipped: int = 0
+
+    @property
+    def claimed(self) -> int:
+        return self.published + self.retried + self.dead + self.skipped
+
+
+class Relay:
+    def __init__(self, transport: Transport, cfg: RelaySettings | None = None) -> None:
+        self.transport = transport
+        self.cfg = cfg or RelaySettings.from_settings()
+
+    def run_once(self) -> BatchResult:
+        """Claim, publish and mark one batch (one transaction)."""
+        with transaction.atomic():
+            now = timezone.now()
+            rows = self._claim(now)
+            if not rows:
+                return BatchResult()
+            outgoing = [
+                Outgoing(
+                    id=row[1] if isinstance(row[1], UUID) else UUID(str(row[1])),
+                    topic=row[2],
+                    key=row[3],
+                    type=row[4],
+                    version=row[5],
+                    payload=row[6].encode(),
+                    headers=_headers(row[7]),
+                )
+                for row in rows
+            ]
+            # A version this deployment cannot upcast is dead at once: retrying cannot help.
+            unknown: dict[int, BaseException] = {}
+            for i, message in enumerate(outgoing):
+                try:
+                    versions.check(message.type, message.version)
+                except versions.UnknownVersion as exc:
+                    unknown[i] = exc
+            sendable = [m for i, m in enumerate(outgoing) if i not in unknown]
+            answers = self.transport.publish(sendable) if sendable else []
+            if len(answers) != len(sendable):
+                raise RuntimeError("the transport answered for a different number of messages")
+            sent = iter(answers)
+            results = [unknown[i] if i in unknown else next(sent) for i in range(len(rows))]
+            return self._mark([row[0] for row in rows], results, timezone.now(), set(unknown))
+
+    def _claim(self, now: datetime) -> list[tuple[Any, ...]]:
+        sql = _CLAIM_POSTGRES if connection.vendor == "postgresql" else _CLAIM_SQLITE
+        with connection.cursor() as cursor:
+            cursor.execute(
+                sql, {"now": now, "limit": self.cfg.batch_size, "lock_space": _RELAY_LOCK_SPACE}
+            )
+            return list(cursor.fetchall())
+
+    def _mark(
+        self,
+        seqs: Sequence[int],
+        results: Sequence[BaseException | None],
+        now: datetime,
+        fatal: frozenset[int] | set[int] = frozenset(),
+    ) -> BatchResult:
+        out = BatchResult()
+        published = [seq for seq, r in zip(seqs, results, strict=True) if r is None]
+        if published:
+            OutboxMessage.objects.filter(seq__in=published).update(
+                status=Status.PUBLISHED, published_at=now, last_error=""
+            )
+            out.published = len(published)
+        failed = {
+            seq: r
+            for seq, r in zip(seqs, results, strict=True)
+            if r is not None and not isinstance(r, Skipped)
+        }
+        out.skipped = sum(isinstance(r, Skipped) for r in results)
+        if failed:
+            attempts = dict(
+                OutboxMessage.objects.filter(seq__in=list(failed)).values_list("seq", "attempts")
+            )
+            fatal_seqs = {seqs[i] for i in fatal}
+            for seq, error in failed.items():
+                n = attempts[seq] + 1
+                text = f"{type(error).__name__}: {error}"[:2000]
+                if n >= self.cfg.max_attempts or seq in fatal_seqs or isinstance(error, Permanent):
+                    OutboxMessage.objects.filter(seq=seq).update(
+                        status=Status.DEAD, attempts=n, last_error=text
+                    )
+                    out.dead += 1
+                    log.error("outbox message %s is dead after %d attempts: %s", seq, n, text)
+                else:
+                    OutboxMessage.objects.filter(seq=seq).update(
+                        attempts=n, last_error=text, available_at=now + backoff(n, self.cfg)
+                    )
+                    out.retried += 1
+        return out
+
+    def drain(self) -> BatchResult:
+        """Run batches until nothing is claimable now (tests, ``run_relay --once``)."""
+        total = BatchResult()
+        while True:
+            result = self.run_once()
+            total.published += result.published
+            total.retried += result.retried
+            total.dead += result.dead
+            total.skipped += result.skipped
+            if result.claimed == 0 or result.published == 0:
+                return total
+
+    def run(self, stop: threading.Event) -> None:
+        """Publish until ``stop`` is set; between batches wait for NOTIFY or the poll interval."""
+        listener = _Listener() if connection.vendor == "postgresql" else None
+        try:
+            while not stop.is_set():
+                try:
+                    result = self.run_once()
+                except DatabaseError as exc:
+                    log.warning("relay: database error, retrying: %s", exc)
+                    connection.close()
+                    stop.wait(self.cfg.poll_seconds)
+                    continue
+                if result.claimed >= self.cfg.batch_size and result.published:
+                    continue  # more is waiting
+                if listener is not None:
+                    listener.wait(self.cfg.poll_seconds, stop)
+                else:
+                    stop.wait(self.cfg.poll_seconds)
+        finally:
+            if listener is not None:
+                listener.close()
+
+
+def _headers(value: Any) -> dict[str, str]:
+    if isinstance(value, str):  # raw SQL returns JSON as text
+        import json
+
+        value = json.loads(value)
+    return {str(k): str(v) for k, v in (value or {}).items()}
+
+
+class _Listener:
+    """A separate autocommit connection that LISTENs for publish() notifications."""
+
+    def __init__(self) -> None:
+        import psycopg
+
+        params = connection.get_connection_params()
+        params.pop("cursor_factory", None)
+        params.pop("context", None)
+        self.conn: Any = psycopg.connect(**params, autocommit=True)
+        self.conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+
+    def wait(self, timeout: float, stop: threading.Event) -> None:
+        """Until a notification, ``timeout`` or ``stop`` (checked twice a second)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                for _ in self.conn.notifies(timeout=min(left, 0.5), stop_after=1):
+                    return
+        except Exception as exc:  # the listener broke: fall back to polling this time
+            log.warning("relay: LISTEN connection failed: %s", exc)
+            stop.wait(max(deadline - time.monotonic(), 0))
+
+    def close(self) -> None:
+        self.conn.close()

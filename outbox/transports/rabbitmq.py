@@ -1,0 +1,115 @@
+"""RabbitMQ: durable topic exchange per topic, persistent messages, publisher confirms.
+
+aio-pika runs on a private event loop in a background thread, so the
+synchronous relay can pipeline a whole batch and wait for all confirms at once.
+Exchange = the message's topic; routing key = its type (commands use
+``<service>.<action>``); the headers carry the key, type, version and the
+message's own headers; ``message_id`` is the outbox id (consumers dedupe on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+
+from outbox.transports.base import Outgoing, TransportError
+
+T = TypeVar("T")
+CONNECT_TIMEOUT = 5.0
+CONFIRM_TIMEOUT = 30.0
+
+
+class RabbitMQTransport:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="outbox-amqp", daemon=True
+        )
+        self._thread.start()
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _exchange(self, topic: str) -> AbstractExchange:
+        if self._channel is None or self._channel.is_closed:
+            if self._connection is None or self._connection.is_closed:
+                self._connection = await aio_pika.connect(self.url, timeout=CONNECT_TIMEOUT)
+            self._channel = await self._connection.channel(publisher_confirms=True)
+            self._exchanges.clear()
+        exchange = self._exchanges.get(topic)
+        if exchange is None:
+            exchange = await self._channel.declare_exchange(
+                topic, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            self._exchanges[topic] = exchange
+        return exchange
+
+    async def _publish(self, messages: Sequence[Outgoing]) -> list[BaseException | None]:
+        try:
+            exchanges = {m.topic: await self._exchange(m.topic) for m in messages}
+        except Exception as exc:  # broker away: every message of the batch failed
+            await self._reset()
+            error = TransportError(f"RabbitMQ unreachable: {type(exc).__name__}: {exc}")
+            return [error for _ in messages]
+        sends = [
+            exchanges[m.topic].publish(
+                aio_pika.Message(
+                    body=m.payload,
+                    message_id=str(m.id),
+                    type=m.type,
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    headers={
+                        **m.headers,
+                        "sagaadmin-key": m.key,
+                        "sagaadmin-version": m.version,
+                    },
+                ),
+                routing_key=m.type,
+                timeout=CONFIRM_TIMEOUT,
+            )
+            for m in messages
+        ]
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        results: list[BaseException | None] = [
+            TransportError(f"RabbitMQ did not confirm: {type(o).__name__}: {o}")
+            if isinstance(o, BaseException)
+            else None
+            for o in outcomes
+        ]
+        if any(results):
+            await self._reset()
+        return results
+
+    async def _reset(self) -> None:
+        self._exchanges.clear()
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):  # already broken; a new one follows
+                await connection.close()
+
+    def publish(self, messages: Sequence[Outgoing]) -> list[BaseException | None]:
+        if not messages:
+            return []
+        try:
+            return self._run(self._publish(messages), CONNECT_TIMEOUT + CONFIRM_TIMEOUT + 5)
+        except Exception as exc:
+            error = TransportError(f"RabbitMQ publish failed: {type(exc).__name__}: {exc}")
+            return [error for _ in messages]
+
+    def close(self) -> None:
+        try:
+            self._run(self._reset(), CONNECT_TIMEOUT)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)

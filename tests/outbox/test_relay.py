@@ -1,0 +1,119 @@
+"""The relay on the in-process transport: publish after commit, retry, dead, per-key order.
+
+Real commits (``transactional_db``): on PostgreSQL the relay claims only rows
+of transactions older than every running one, its test's own included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+import outbox
+from outbox.models import OutboxMessage
+from outbox.relay import Relay, RelaySettings, backoff
+from outbox.transports.base import Outgoing
+from outbox.transports.inprocess import InProcessTransport, subscribe
+
+FAST = RelaySettings(batch_size=50, max_attempts=3, backoff_base=0.0, backoff_max=0.0)
+
+
+@pytest.fixture
+def received() -> Iterator[list[Outgoing]]:
+    got: list[Outgoing] = []
+    unsubscribe = subscribe("orders", got.append)
+    yield got
+    unsubscribe()
+
+
+def publish_many(n: int, *, key: str = "order-1", topic: str = "orders") -> None:
+    with transaction.atomic():
+        for i in range(n):
+            outbox.publish(topic=topic, key=key, type="order.updated", payload={"n": i})
+
+
+def test_committed_messages_are_delivered_once_and_marked(transactional_db, received) -> None:
+    publish_many(3)
+    result = Relay(InProcessTransport(), FAST).drain()
+    assert result.published == 3
+    assert [m.payload for m in received] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
+    assert {m.type for m in received} == {"order.updated"}
+    assert set(OutboxMessage.objects.values_list("status", flat=True)) == {"published"}
+    assert OutboxMessage.objects.filter(published_at__isnull=True).count() == 0
+    assert Relay(InProcessTransport(), FAST).drain().published == 0  # nothing twice
+
+
+def test_a_message_not_yet_available_waits(transactional_db, received) -> None:
+    with transaction.atomic():
+        outbox.publish(
+            topic="orders",
+            key="k",
+            type="x",
+            payload={},
+            available_at=timezone.now() + timedelta(hours=1),
+        )
+    assert Relay(InProcessTransport(), FAST).drain().claimed == 0
+    assert received == []
+
+
+def test_a_poison_message_goes_dead_and_the_others_keep_flowing(transactional_db) -> None:
+    got: list[bytes] = []
+
+    def handler(message: Outgoing) -> None:
+        if message.key == "poison":
+            raise ValueError("cannot handle this one")
+        got.append(message.payload)
+
+    unsubscribe = subscribe("orders", handler)
+    try:
+        publish_many(1, key="poison")
+        publish_many(2, key="fine")
+        relay = Relay(InProcessTransport(), FAST)
+        for _ in range(FAST.max_attempts):
+            relay.drain()
+    finally:
+        unsubscribe()
+    assert got == [b'{"n":0}', b'{"n":1}']
+    dead = OutboxMessage.objects.get(aggregateid="poison")
+    assert dead.status == "dead"
+    assert dead.attempts == FAST.max_attempts
+    assert dead.last_error == "ValueError: cannot handle this one"
+
+
+def test_a_failed_message_holds_back_the_later_ones_of_its_key(transactional_db) -> None:
+    got: list[bytes] = []
+    fail = {"on": True}
+
+    def handler(message: Outgoing) -> None:
+        if message.payload == b'{"n":0}' and fail["on"]:
+            raise ConnectionError("broker hiccup")
+        got.append(message.payload)
+
+    unsubscribe = subscribe("orders", handler)
+    try:
+        publish_many(3)
+        slow = RelaySettings(batch_size=50, max_attempts=5, backoff_base=60, backoff_max=60)
+        relay = Relay(InProcessTransport(), slow)
+        first = relay.drain()
+        assert (first.retried, first.skipped, first.published) == (1, 2, 0)
+        assert relay.drain().claimed == 0  # the head waits for its retry; the rest wait too
+        fail["on"] = False
+        OutboxMessage.objects.update(available_at=timezone.now())  # the retry is due
+        assert relay.drain().published == 3
+    finally:
+        unsubscribe()
+    assert got == [b'{"n":0}', b'{"n":1}', b'{"n":2}']  # order kept across the retry
+    head = OutboxMessage.objects.order_by("seq").first()
+    assert head is not None and head.attempts == 1 and head.last_error == ""
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
+    cfg = RelaySettings(backoff_base=1.0, backoff_max=30.0)
+    for attempts, step in [(1, 1.0), (2, 2.0), (3, 4.0), (5, 16.0), (9, 30.0)]:
+        waits = {backoff(attempts, cfg).total_seconds() for _ in range(50)}
+        assert all(step / 2 <= w <= step for w in waits), (attempts, waits)
+        assert len(waits) > 1  # jittered

@@ -1,0 +1,70 @@
+"""``manage.py run_worker``: the background process — the outbox relay and housekeeping.
+
+It lives in ``tracking`` because it serves both apps (outbox never imports tracking).
+
+Loops: the relay (publishing, woken by NOTIFY) in a thread; housekeeping every
+``--housekeeping-seconds``: delete published messages past
+``OUTBOX_RETENTION_DAYS`` and compact the overview rollups. SIGTERM or SIGINT
+stops both after the work in hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+from django.db import DatabaseError, connections
+
+from outbox.maintenance import published_delete
+from outbox.relay import Relay
+from outbox.transports import transport_from_url
+from tracking.rollups import rollup_compact
+
+log = logging.getLogger(__name__)
+
+
+class Command(BaseCommand):
+    help = "Run the outbox relay and housekeeping until SIGTERM."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--housekeeping-seconds", type=float, default=60.0)
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        transport = transport_from_url(settings.BROKER_URL)
+        relay = threading.Thread(target=self._relay, args=(transport, stop), name="relay")
+        relay.start()
+        self.stdout.write(f"worker: relay to {settings.BROKER_URL.split('@')[-1]}, SIGTERM stops")
+        try:
+            while not stop.is_set():
+                self._housekeeping()
+                stop.wait(options["housekeeping_seconds"])
+        finally:
+            stop.set()
+            relay.join()
+            transport.close()
+            self.stdout.write("worker: stopped")
+
+    def _relay(self, transport: Any, stop: threading.Event) -> None:
+        try:
+            Relay(transport).run(stop)
+        finally:
+            connections.close_all()
+
+    def _housekeeping(self) -> None:
+        try:
+            days = settings.OUTBOX["RETENTION_DAYS"]
+            deleted = published_delete(older_than=timedelta(days=days))
+            if deleted:
+                log.info("worker: deleted %d published messages older than %s days", deleted, days)
+            rollup_compact()
+        except DatabaseError as exc:
+            log.warning("worker: housekeeping failed, next round retries: %s", exc)
+            connections.close_all()

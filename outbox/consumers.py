@@ -111,13 +111,20 @@ async def _consume(
             )
             await queue.bind(exchange, routing_key=binding)
 
-            async def on_delivery(delivery: AbstractIncomingMessage) -> None:
-                await _handle(delivery, consumer, handler, retry_delay, executor)
-
-            tag = await queue.consume(on_delivery)
+            # aio-pika runs a task per delivery; a local queue and one worker
+            # apply them strictly in delivery order (per-key order survives a retry).
+            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            tag = await queue.consume(inbox.put)
             while not stop.is_set():
-                await asyncio.sleep(0.2)
+                try:
+                    delivery = await asyncio.wait_for(inbox.get(), timeout=0.2)
+                except TimeoutError:
+                    continue
+                await _handle(delivery, consumer, handler, retry_delay, executor, stop)
             await queue.cancel(tag)
+            # deliveries taken but not applied go back to the queue
+            while not inbox.empty():
+                await inbox.get_nowait().nack(requeue=True)
     finally:
         executor.submit(connections.close_all).result()
         executor.shutdown()
@@ -129,22 +136,29 @@ async def _handle(
     handler: Callable[[Incoming], None],
     retry_delay: float,
     executor: ThreadPoolExecutor,
+    stop: threading.Event,
 ) -> None:
     try:
+        if not delivery.message_id:
+            raise ValueError("no message_id: the inbox cannot tell it from other messages")
         message = from_amqp(delivery)
     except (UnknownVersion, ValueError) as exc:
         log.error("consumer %s: dead-lettering %s: %s", consumer, delivery.message_id, exc)
         await delivery.reject(requeue=False)
         return
-    try:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(executor, _apply, consumer, message, handler)
-    except Exception:
-        log.exception("consumer %s: handler failed for %s; requeued", consumer, message.id)
-        await asyncio.sleep(retry_delay)
-        await delivery.nack(requeue=True)
+    loop = asyncio.get_running_loop()
+    while True:  # retried here, not requeued: later messages must not overtake it
+        try:
+            await loop.run_in_executor(executor, _apply, consumer, message, handler)
+        except Exception:
+            log.exception("consumer %s: handler failed for %s; retrying", consumer, message.id)
+            await _pause(stop, retry_delay)
+            if stop.is_set():
+                await delivery.nack(requeue=True)
+                return
+            continue
+        await delivery.ack()  # after the inbox transaction committed
         return
-    await delivery.ack()  # after the inbox transaction committed
 
 
 def run_rabbitmq_consumer(
@@ -158,7 +172,11 @@ def run_rabbitmq_consumer(
     prefetch: int = 50,
     retry_delay: float = 1.0,
 ) -> None:
-    """Consume until ``stop`` is set (the delivery in hand is finished first)."""
+    """Consume until ``stop`` is set (the delivery in hand is finished first).
+
+    A handler that raises is retried after ``retry_delay`` until it succeeds
+    (or ``stop``), so a key's later messages never overtake a failed one.
+    """
     asyncio.run(
         _consume(
             url,

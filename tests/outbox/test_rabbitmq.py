@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -211,3 +212,64 @@ async def _until(condition: Any, timeout: float = 20) -> None:
         if loop.time() > deadline:
             raise AssertionError("timed out waiting")
         await asyncio.sleep(0.1)
+
+
+def test_the_consumer_retries_a_failed_message_before_the_later_ones(topic) -> None:
+    import threading
+
+    from outbox.consumers import run_rabbitmq_consumer
+    from outbox.inbox import Incoming
+
+    consumer = f"test-order-{uuid.uuid4().hex[:8]}"
+    applied: list[int] = []
+    failed: list[int] = []
+
+    def handler(message: Incoming) -> None:
+        n = message.payload["n"]
+        if n == 1 and not failed:
+            failed.append(n)
+            raise RuntimeError("downstream hiccup")
+        applied.append(n)
+
+    stop = threading.Event()
+    runner = threading.Thread(
+        target=run_rabbitmq_consumer,
+        kwargs={
+            "url": AMQP_URL,
+            "consumer": consumer,
+            "topic": topic,
+            "handler": handler,
+            "stop": stop,
+            "retry_delay": 0.2,
+        },
+    )
+    runner.start()
+    try:
+        time.sleep(1.0)  # the queue is declared and bound
+        with transaction.atomic():
+            for n in range(5):
+                outbox.publish(topic=topic, key="k", type="x.y", payload={"n": n})
+        transport = transport_from_url(AMQP_URL)
+        try:
+            assert _drain(transport).published == 5
+        finally:
+            transport.close()
+        deadline = time.monotonic() + 20
+        while len(applied) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        runner.join(15)
+        connections.close_all()
+        asyncio.run(_delete_queue(consumer))
+    assert failed == [1]
+    assert applied == [0, 1, 2, 3, 4]  # the retry came before 2, 3, 4
+
+
+async def _delete_queue(name: str) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(name)

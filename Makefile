@@ -13,13 +13,14 @@ PYTHON ?= $(shell for c in python3.13 python3.12 python3 \
 	command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
 	&& { command -v $$c; break; }; done)
 
-.PHONY: run test lint typecheck venv migrate bench-ingest bench-queries clean help
+.PHONY: run test lint typecheck venv migrate bench-ingest bench-queries bench-relay clean help
 
 help:
 	@echo "make run    - set up .venv, migrate, start the dashboard on http://$(HOST):$(PORT)"
 	@echo "make test   - ruff, migrations check, mypy and the whole pytest suite"
 	@echo "make bench-ingest - ingest throughput against raw PostgreSQL"
 	@echo "make bench-queries - dashboard/API query times on 1M sagas against raw SQL"
+	@echo "make bench-relay - outbox relay to RabbitMQ against raw broker/database and a peer"
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON)" ]; then echo "Python 3.12+ not found: install it or set PYTHON=/path/to/python3.12"; exit 1; fi
@@ -55,6 +56,9 @@ bench-ingest: venv
 
 bench-queries: venv
 	$(PY) bench/queries.py
+
+bench-relay: venv
+	$(PY) bench/relay.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

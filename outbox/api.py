@@ -14,7 +14,7 @@ from outbox.models import OutboxMessage
 
 NOTIFY_CHANNEL = "sagaadmin_outbox"
 # The writers' per-key lock (one bigint key); the relay uses the two-int key space.
-KEY_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+KEY_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)), pg_notify(%s, '')"
 
 
 class OutsideTransaction(RuntimeError):
@@ -74,10 +74,9 @@ def publish(
         # Per-key commit order: publishers of one key take turns from here to
         # their commit, so the key's sequence numbers are taken in commit order
         # (docs/outbox.md, "Per-key order"). Released when the transaction ends.
+        # The relay's wake-up goes in the same round trip: NOTIFY is delivered
+        # at commit (once per transaction), and not at all on rollback.
         with connection.cursor() as cursor:
-            cursor.execute(KEY_LOCK_SQL, [f"{topic}/{key}"])
+            cursor.execute(KEY_LOCK_SQL, [f"{topic}/{key}", NOTIFY_CHANNEL])
     message.save(force_insert=True)
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:  # delivered at commit, once per transaction
-            cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
     return message

@@ -48,6 +48,12 @@ class OutboxMessage(models.Model):
                 condition=models.Q(status="pending"),
                 name="outbox_pending_key_idx",
             ),
+            # "is an earlier message of this key waiting for a retry?" (few rows)
+            models.Index(
+                fields=["available_at"],
+                condition=models.Q(status="pending"),
+                name="outbox_pending_due_idx",
+            ),
             models.Index(fields=["status", "published_at"], name="outbox_status_idx"),
         ]
 

@@ -76,6 +76,9 @@ class RabbitMQTransport:
                     },
                 ),
                 routing_key=m.type,
+                # Topic semantics: a message no queue is bound for is dropped by the
+                # broker (and confirmed); declare and bind consumer queues first.
+                mandatory=False,
                 timeout=CONFIRM_TIMEOUT,
             )
             for m in messages

@@ -21,8 +21,7 @@ import asyncio
 import contextlib
 import logging
 import re
-import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import nats
@@ -31,7 +30,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 
-from outbox.transports.base import Outgoing, Permanent, Skipped, TransportError
+from outbox.transports.base import BackgroundLoop, Outgoing, Permanent, Skipped, TransportError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -84,22 +83,10 @@ def _problem(message: Outgoing) -> str | None:
 class JetStreamTransport:
     def __init__(self, url: str) -> None:
         self.url = url
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="outbox-nats", daemon=True
-        )
-        self._thread.start()
+        self._background = BackgroundLoop("outbox-nats")
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._streams: set[str] = set()  # topics known to have a stream
-
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            future.cancel()  # do not leave it running on the loop
-            raise
 
     async def _context(self) -> JetStreamContext:
         if self._nc is None or self._js is None or not self._nc.is_connected:
@@ -220,16 +207,13 @@ class JetStreamTransport:
         topics = len({m.topic for m in messages})
         timeout = CONNECT_TIMEOUT + 2 * API_TIMEOUT * topics + ACK_TIMEOUT + 5
         try:
-            return self._run(self._publish(messages), timeout)
+            return self._background.run(self._publish(messages), timeout)
         except Exception as exc:
             error = TransportError(f"NATS publish failed: {type(exc).__name__}: {exc}")
             return [error for _ in messages]
 
     def close(self) -> None:
         try:
-            self._run(self._reset(), CONNECT_TIMEOUT)
+            self._background.run(self._reset(), CONNECT_TIMEOUT)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-            if not self._thread.is_alive():
-                self._loop.close()
+            self._background.stop()

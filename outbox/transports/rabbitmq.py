@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
-from outbox.transports.base import Outgoing, TransportError
+from outbox.transports.base import BackgroundLoop, Outgoing, TransportError
 
 T = TypeVar("T")
 CONNECT_TIMEOUT = 5.0
@@ -28,17 +27,10 @@ CONFIRM_TIMEOUT = 30.0
 class RabbitMQTransport:
     def __init__(self, url: str) -> None:
         self.url = url
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="outbox-amqp", daemon=True
-        )
-        self._thread.start()
+        self._background = BackgroundLoop("outbox-amqp")
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
-
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     async def _exchange(self, topic: str) -> AbstractExchange:
         if self._channel is None or self._channel.is_closed:
@@ -105,14 +97,15 @@ class RabbitMQTransport:
         if not messages:
             return []
         try:
-            return self._run(self._publish(messages), CONNECT_TIMEOUT + CONFIRM_TIMEOUT + 5)
+            return self._background.run(
+                self._publish(messages), CONNECT_TIMEOUT + CONFIRM_TIMEOUT + 5
+            )
         except Exception as exc:
             error = TransportError(f"RabbitMQ publish failed: {type(exc).__name__}: {exc}")
             return [error for _ in messages]
 
     def close(self) -> None:
         try:
-            self._run(self._reset(), CONNECT_TIMEOUT)
+            self._background.run(self._reset(), CONNECT_TIMEOUT)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
+            self._background.stop()

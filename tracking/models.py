@@ -234,17 +234,37 @@ class _Rollup(models.Model):
         return f"{type(self).__name__}({self.pk})"
 
 
-class SagaCount(_Rollup):
+class _SagaCountKey(_Rollup):
+    """A saga-count bucket: (bucket start, saga type, status, flags)."""
+
+    bucket = models.DateTimeField()
+    saga_type = models.CharField(max_length=100, blank=True)
+    status = models.CharField(max_length=24)
+    flags = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        abstract = True
+
+
+class _StepStatKey(_Rollup):
+    """A step-stat bucket: (bucket start, saga type, step, duration bin)."""
+
+    bucket = models.DateTimeField()
+    saga_type = models.CharField(max_length=100, blank=True)
+    step = models.CharField(max_length=100)
+    bin = models.SmallIntegerField()
+
+    class Meta:
+        abstract = True
+
+
+class SagaCount(_SagaCountKey):
     """Rollup: sagas by (5-minute bucket of their start, type, current status).
 
     Maintained without hot rows: ingest appends ``SagaCountDelta`` rows and
     :func:`tracking.rollups.rollup_compact` folds them in (tracking/rollups.py).
     """
 
-    bucket = models.DateTimeField()
-    saga_type = models.CharField(max_length=100, blank=True)
-    status = models.CharField(max_length=24)
-    flags = models.CharField(max_length=200, blank=True, default="")
     count = models.BigIntegerField(default=0)
 
     class Meta:
@@ -255,21 +275,26 @@ class SagaCount(_Rollup):
         ]
 
 
-class SagaCountDelta(_Rollup):
-    bucket = models.DateTimeField()
-    saga_type = models.CharField(max_length=100, blank=True)
-    status = models.CharField(max_length=24)
-    flags = models.CharField(max_length=200, blank=True, default="")
+class SagaCountHour(_SagaCountKey):
+    """``SagaCount`` summed by hour: long overview windows read ~12x fewer rows."""
+
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["bucket", "saga_type", "status", "flags"], name="saga_count_hour_key"
+            )
+        ]
+
+
+class SagaCountDelta(_SagaCountKey):
     delta = models.IntegerField()
 
 
-class StepStat(_Rollup):
+class StepStat(_StepStatKey):
     """Rollup: finished forward step attempts by (hour of end, type, step, duration bin)."""
 
-    bucket = models.DateTimeField()
-    saga_type = models.CharField(max_length=100, blank=True)
-    step = models.CharField(max_length=100)
-    bin = models.SmallIntegerField()
     count = models.BigIntegerField(default=0)
     failures = models.BigIntegerField(default=0)
 
@@ -281,30 +306,9 @@ class StepStat(_Rollup):
         ]
 
 
-class SagaCountHour(_Rollup):
-    """``SagaCount`` summed by hour: long overview windows read ~12x fewer rows."""
-
-    bucket = models.DateTimeField()
-    saga_type = models.CharField(max_length=100, blank=True)
-    status = models.CharField(max_length=24)
-    flags = models.CharField(max_length=200, blank=True, default="")
-    count = models.BigIntegerField(default=0)
-
-    class Meta:
-        constraints = [
-            models.UniqueConstraint(
-                fields=["bucket", "saga_type", "status", "flags"], name="saga_count_hour_key"
-            )
-        ]
-
-
-class StepStatDay(_Rollup):
+class StepStatDay(_StepStatKey):
     """``StepStat`` summed by day (UTC), for the 7-day overview."""
 
-    bucket = models.DateTimeField()
-    saga_type = models.CharField(max_length=100, blank=True)
-    step = models.CharField(max_length=100)
-    bin = models.SmallIntegerField()
     count = models.BigIntegerField(default=0)
     failures = models.BigIntegerField(default=0)
 
@@ -316,10 +320,6 @@ class StepStatDay(_Rollup):
         ]
 
 
-class StepStatDelta(_Rollup):
-    bucket = models.DateTimeField()
-    saga_type = models.CharField(max_length=100, blank=True)
-    step = models.CharField(max_length=100)
-    bin = models.SmallIntegerField()
+class StepStatDelta(_StepStatKey):
     count = models.IntegerField()
     failures = models.IntegerField()

@@ -13,8 +13,16 @@ from django.utils import timezone
 from outbox.models import OutboxMessage
 
 NOTIFY_CHANNEL = "sagaadmin_outbox"
-# The writers' per-key lock (one bigint key); the relay uses the two-int key space.
-KEY_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)), pg_notify(%s, '')"
+# The writers' per-key lock (one bigint key; the relay uses the two-int key
+# space), the NOTIFY, then the row: the CTE runs before the row (and its seq).
+PUBLISH_SQL = """
+WITH turn AS (SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)), pg_notify(%s, ''))
+INSERT INTO outbox_outboxmessage
+    (id, aggregatetype, aggregateid, type, version, payload, headers, created_at,
+     available_at, attempts, last_error, status)
+SELECT %s, %s, %s, %s, %s, %s, %s::jsonb, now(), %s, 0, '', 'pending' FROM turn
+RETURNING seq, created_at
+"""
 
 
 class OutsideTransaction(RuntimeError):
@@ -71,12 +79,30 @@ def publish(
         available_at=available_at or timezone.now(),
     )
     if connection.vendor == "postgresql":
-        # Per-key commit order: publishers of one key take turns from here to
-        # their commit, so the key's sequence numbers are taken in commit order
-        # (docs/outbox.md, "Per-key order"). Released when the transaction ends.
-        # The relay's wake-up goes in the same round trip: NOTIFY is delivered
-        # at commit (once per transaction), and not at all on rollback.
+        # One round trip: per-key commit order — publishers of one key take turns
+        # from here to their commit, so the key's sequence numbers are taken in
+        # commit order (docs/outbox.md, "Per-key order"; released when the
+        # transaction ends) — the relay's wake-up (NOTIFY, delivered at commit,
+        # once per transaction, not at all on rollback) and the row itself.
         with connection.cursor() as cursor:
-            cursor.execute(KEY_LOCK_SQL, [f"{topic}/{key}", NOTIFY_CHANNEL])
-    message.save(force_insert=True)
+            cursor.execute(
+                PUBLISH_SQL,
+                [
+                    f"{topic}/{key}",
+                    NOTIFY_CHANNEL,
+                    message.message_id,
+                    topic,
+                    key,
+                    type,
+                    version,
+                    message.payload,
+                    encode_payload(clean_headers),
+                    message.available_at,
+                ],
+            )
+            message.seq, message.created_at = cursor.fetchone()
+        message._state.adding = False
+        message._state.db = connection.alias
+    else:
+        message.save(force_insert=True)
     return message

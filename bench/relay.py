@@ -229,7 +229,6 @@ def preload(dsn: str, messages: Sequence[Message]) -> None:
         "aggregatetype": TOPIC,
         "type": TYPE,
         "version": 1,
-        "txid": 0,  # older than any running transaction (where the column exists)
         "created_at": past,
         "available_at": past,
         "attempts": 0,

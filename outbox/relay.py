@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import msgspec
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
@@ -230,9 +231,7 @@ class Relay:
 
 def _headers(value: Any) -> dict[str, str]:
     if isinstance(value, str):  # raw SQL returns JSON as text
-        import json
-
-        value = json.loads(value)
+        value = msgspec.json.decode(value)
     return {str(k): str(v) for k, v in (value or {}).items()}
 
 

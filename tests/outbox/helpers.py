@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import socket
-
-
-def wait_until_claimable(timeout: float = 30.0) -> None:
-    """Kept for the transport tests' call sites: committed rows are claimable at once
-    (the relay no longer waits for a transaction horizon), so there is nothing to wait for."""
+from typing import Any
 
 
 def dead_port() -> int:
@@ -15,3 +11,16 @@ def dead_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def relay_through(url: str, cfg: Any, *, once: bool = False) -> Any:
+    """One batch (``once``: a retry stays failed) or a drain, through a fresh transport."""
+    from outbox.relay import Relay
+    from outbox.transports import transport_from_url
+
+    transport = transport_from_url(url)
+    try:
+        relay = Relay(transport, cfg)
+        return relay.run_once() if once else relay.drain()
+    finally:
+        transport.close()

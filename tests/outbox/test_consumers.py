@@ -42,7 +42,6 @@ from outbox.transports.jetstream import stream_name
 from tests.conftest import need
 from tests.outbox import test_nats_transport as nats_test
 from tests.outbox import test_redis_transport as redis_test
-from tests.outbox.helpers import wait_until_claimable
 from tests.outbox.test_rabbitmq import AMQP_URL
 
 REDIS_URL = redis_test.REDIS_URL
@@ -58,7 +57,6 @@ def _unique(prefix: str) -> str:
 
 def _relay(url: str) -> None:
     """Publish everything pending through the real relay and transport."""
-    wait_until_claimable()
     transport = transport_from_url(url)
     try:
         result = Relay(transport, CFG).drain()

@@ -16,11 +16,11 @@ from django.db import transaction
 
 import outbox
 from outbox.models import OutboxMessage
-from outbox.relay import Relay, RelaySettings
+from outbox.relay import RelaySettings
 from outbox.transports import transport_from_url
 from outbox.transports.jetstream import JetStreamTransport, stream_name
 from tests.conftest import need
-from tests.outbox.helpers import dead_port, wait_until_claimable
+from tests.outbox.helpers import dead_port, relay_through
 
 NATS_URL = os.environ.get("SAGAADMIN_TEST_NATS_URL", "nats://127.0.0.1:4222")
 CFG = RelaySettings(batch_size=100, max_attempts=5, backoff_base=0.0, backoff_max=0.0)
@@ -69,13 +69,7 @@ def topic() -> Iterator[str]:
 
 
 def _relay(url: str = NATS_URL, *, once: bool = False) -> Any:
-    wait_until_claimable()
-    transport = transport_from_url(url)
-    try:
-        relay = Relay(transport, CFG)
-        return relay.run_once() if once else relay.drain()
-    finally:
-        transport.close()
+    return relay_through(url, CFG, once=once)
 
 
 def _read(topic: str, n: int, stream: str | None = None) -> list[Any]:

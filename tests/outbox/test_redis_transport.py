@@ -14,11 +14,11 @@ from django.db import transaction
 
 import outbox
 from outbox.models import OutboxMessage
-from outbox.relay import Relay, RelaySettings
+from outbox.relay import RelaySettings
 from outbox.transports import transport_from_url
 from outbox.transports.redis_streams import RedisStreamsTransport
 from tests.conftest import need
-from tests.outbox.helpers import dead_port, wait_until_claimable
+from tests.outbox.helpers import dead_port, relay_through
 
 REDIS_URL = os.environ.get("SAGAADMIN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CFG = RelaySettings(batch_size=100, max_attempts=5, backoff_base=0.0, backoff_max=0.0)
@@ -46,14 +46,7 @@ def streams() -> Iterator[list[str]]:
 
 
 def _relay(url: str = REDIS_URL, *, once: bool = False) -> Any:
-    """One batch (``once``: a retry stays failed) or a drain, through a fresh transport."""
-    wait_until_claimable()
-    transport = transport_from_url(url)
-    try:
-        relay = Relay(transport, CFG)
-        return relay.run_once() if once else relay.drain()
-    finally:
-        transport.close()
+    return relay_through(url, CFG, once=once)
 
 
 def _entries(stream: str) -> list[dict[str, bytes]]:

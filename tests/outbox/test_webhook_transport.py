@@ -17,11 +17,11 @@ from django.db import transaction
 
 import outbox
 from outbox.models import OutboxMessage
-from outbox.relay import Relay, RelaySettings
+from outbox.relay import RelaySettings
 from outbox.transports import transport_from_url
 from outbox.transports.base import Outgoing, Permanent, Skipped, TransportError
 from outbox.transports.webhook import WebhookTransport, subscriptions_from_setting
-from tests.outbox.helpers import dead_port, wait_until_claimable
+from tests.outbox.helpers import dead_port, relay_through
 
 CFG = RelaySettings(batch_size=100, max_attempts=5, backoff_base=0.0, backoff_max=0.0)
 SECRETS = {"/a": "secret-a", "/b": "secret-b"}
@@ -119,13 +119,7 @@ def _subscribe(settings: Any, topic: str, *urls: str) -> None:
 
 
 def _relay(url: str = "webhook://?timeout=5", *, once: bool = False) -> Any:
-    wait_until_claimable()
-    transport = transport_from_url(url)
-    try:
-        relay = Relay(transport, CFG)
-        return relay.run_once() if once else relay.drain()
-    finally:
-        transport.close()
+    return relay_through(url, CFG, once=once)
 
 
 def test_the_relay_posts_signed_messages_to_every_subscriber_in_key_order(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -53,3 +54,33 @@ def manage(env: dict[str, str], *args: str) -> str:
     if proc.returncode:
         raise BenchError(f"manage.py {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
     return proc.stdout
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProcCpu:
+    """One process's CPU from /proc/<pid>/stat, in seconds."""
+
+    name: str
+    pgrp: int
+    own: float  # utime + stime
+    with_children: float  # plus cutime + cstime: exited children's (PostgreSQL backends
+    # of closed connections end up in the postmaster's)
+
+
+def process_cpu() -> dict[int, ProcCpu]:
+    """Every process on the machine: pid -> its CPU so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        own = sum(int(v) for v in fields[11:13]) / tick
+        children = sum(int(v) for v in fields[13:15]) / tick
+        procs[int(entry.name)] = ProcCpu(name, int(fields[2]), own, own + children)
+    return procs

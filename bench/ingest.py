@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import ROOT, BenchError, base_dsn, database_recreate, env_num, manage
+from common import ROOT, BenchError, base_dsn, database_recreate, env_num, manage, process_cpu
 from psycopg.types.json import Jsonb
 
 BIN = Path(sys.executable).parent  # the venv this script runs in
@@ -351,26 +351,6 @@ class Result:
     note: str = ""
 
 
-def _process_cpu() -> dict[int, tuple[str, int, float]]:
-    """Every process: pid -> (name, process group, CPU seconds so far)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    procs = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        # utime + stime, plus cutime + cstime: the CPU of exited children (PostgreSQL
-        # backends of closed connections end up in the postmaster's).
-        seconds = sum(int(v) for v in fields[11:15]) / tick
-        procs[int(entry.name)] = (name, int(fields[2]), seconds)
-    return procs
-
-
 def _busy_seconds() -> float:
     """CPU seconds the whole machine has been busy (all cores)."""
     # user nice system [idle iowait] irq softirq steal (guest is already in user)
@@ -382,7 +362,8 @@ def _cpu_sample(server_pgid: int | None, clients: set[int]) -> dict[str, float]:
     totals = {"server": 0.0, "postgres": 0.0, "clients": 0.0}
     if not Path("/proc/stat").exists():
         return totals
-    for pid, (name, pgrp, seconds) in _process_cpu().items():
+    for pid, proc in process_cpu().items():
+        name, pgrp, seconds = proc.name, proc.pgrp, proc.with_children
         if server_pgid is not None and pgrp == server_pgid:
             totals["server"] += seconds
         elif name == "postgres" or name.startswith("postgres:"):

@@ -117,7 +117,7 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import psycopg
-from common import ROOT, BenchError, base_dsn, database_recreate, env_num, manage
+from common import ROOT, BenchError, base_dsn, database_recreate, env_num, manage, process_cpu
 
 DB_NAME = "sagaadmin_relaybench"
 PEER_DB = "sagaadmin_relaybench_peer"
@@ -271,29 +271,6 @@ def check_all_published(dsn: str, expected: int, label: str) -> None:
 # --- CPU accounting ---------------------------------------------------------------
 
 
-def _process_cpu() -> dict[int, tuple[str, float, float]]:
-    """Every process: pid -> (name, CPU seconds so far, the same with its exited children's).
-
-    PostgreSQL backends that ended are counted in the postmaster's children's
-    time; other programs' children are not theirs to answer for (init reaps
-    orphans), so "other" processes are named by their own time only.
-    """
-    tick = os.sysconf("SC_CLK_TCK")
-    procs = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        own = sum(int(v) for v in fields[11:13]) / tick
-        procs[int(entry.name)] = (name, own, own + sum(int(v) for v in fields[13:15]) / tick)
-    return procs
-
-
 def _busy_seconds() -> float:
     """CPU seconds the whole machine has been busy (all cores)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -328,7 +305,8 @@ class CpuMeter:
         others: dict[int, tuple[str, float]] = {}
         if not Path("/proc/stat").exists():
             return totals, others
-        for pid, (name, own, with_children) in _process_cpu().items():
+        for pid, proc in process_cpu().items():
+            name, own, with_children = proc.name, proc.own, proc.with_children
             if party := self._party(pid, name):
                 totals[party] += with_children
             else:

@@ -45,7 +45,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy sagaadmin tracking
+	$(VENV)/bin/mypy sagaadmin tracking outbox
 
 test: lint typecheck
 	DJANGO_SETTINGS_MODULE=sagaadmin.settings.test $(PY) manage.py makemigrations --check --dry-run

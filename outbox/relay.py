@@ -173,25 +173,36 @@ class Relay:
             if r is not None and not isinstance(r, Skipped)
         }
         out.skipped = sum(isinstance(r, Skipped) for r in results)
-        if failed:
-            attempts = dict(
-                OutboxMessage.objects.filter(seq__in=list(failed)).values_list("seq", "attempts")
-            )
+        if failed:  # one read and one write for all of them (a broker outage fails whole batches)
             fatal_seqs = {seqs[i] for i in fatal}
-            for seq, error in failed.items():
-                n = attempts[seq] + 1
-                text = f"{type(error).__name__}: {error}"[:2000]
-                if n >= self.cfg.max_attempts or seq in fatal_seqs or isinstance(error, Permanent):
-                    OutboxMessage.objects.filter(seq=seq).update(
-                        status=Status.DEAD, attempts=n, last_error=text
-                    )
+            rows = list(
+                OutboxMessage.objects.filter(seq__in=list(failed)).only(
+                    "seq", "attempts", "status", "last_error", "available_at"
+                )
+            )
+            for row in rows:
+                error = failed[row.seq]
+                row.attempts += 1
+                row.last_error = f"{type(error).__name__}: {error}"[:2000]
+                if (
+                    row.attempts >= self.cfg.max_attempts
+                    or row.seq in fatal_seqs
+                    or isinstance(error, Permanent)
+                ):
+                    row.status = Status.DEAD
                     out.dead += 1
-                    log.error("outbox message %s is dead after %d attempts: %s", seq, n, text)
-                else:
-                    OutboxMessage.objects.filter(seq=seq).update(
-                        attempts=n, last_error=text, available_at=now + backoff(n, self.cfg)
+                    log.error(
+                        "outbox message %s is dead after %d attempts: %s",
+                        row.seq,
+                        row.attempts,
+                        row.last_error,
                     )
+                else:
+                    row.available_at = now + backoff(row.attempts, self.cfg)
                     out.retried += 1
+            OutboxMessage.objects.bulk_update(
+                rows, ["attempts", "status", "last_error", "available_at"]
+            )
         return out
 
     def drain(self) -> BatchResult:

@@ -503,7 +503,7 @@ def test_a_connection_cut_mid_run_is_waited_out(broker, request) -> None:
     finally:
         proxy.close()
         if broker == "rabbitmq":
-            from tests.outbox.test_faults import _delete_queue
+            from tests.outbox.test_rabbitmq import _delete_queue
 
             asyncio.run(_delete_queue(consumer))
     assert _inbox(consumer) == 10

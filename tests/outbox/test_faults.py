@@ -19,7 +19,7 @@ from outbox.consumers import run_rabbitmq_consumer
 from outbox.inbox import Incoming
 from outbox.models import InboxMessage, OutboxMessage
 from tests.conftest import need
-from tests.outbox.test_rabbitmq import AMQP_URL, _delete_exchange, _reachable
+from tests.outbox.test_rabbitmq import AMQP_URL, _delete_exchange, _delete_queue, _reachable
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,15 +115,6 @@ def test_a_relay_killed_mid_batch_loses_nothing_and_the_inbox_applies_once(tmp_p
 
     asyncio.run(_delete_exchange(topic))
     asyncio.run(_delete_queue(consumer))
-
-
-async def _delete_queue(name: str) -> None:
-    import aio_pika
-
-    conn = await aio_pika.connect(AMQP_URL)
-    async with conn:
-        channel = await conn.channel()
-        await channel.queue_delete(name)
 
 
 def test_with_the_broker_cut_off_writers_go_on_and_the_backlog_drains_after(tmp_path) -> None:

@@ -153,6 +153,7 @@ class LockedSaga:
     status: str
     flags: str
     started_at: datetime | None
+    open_incidents: str
 
 
 SERVICE_TOUCH_RESOLUTION = timedelta(seconds=1)

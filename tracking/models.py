@@ -165,6 +165,12 @@ class Saga(models.Model):
     event_count = models.PositiveIntegerField(default=0)
     # Increases by one on every change of the projected state.
     version = models.PositiveBigIntegerField(default=0)
+    # Detection (docs/detection.md). Kinds of the saga's open incidents, delimited
+    # like ``flags``: the detector writes it, the list's flag filter reads it.
+    open_incidents = models.CharField(max_length=200, blank=True, default="", db_default="")
+    # When the detector must look at this saga next (NULL: only when it changes).
+    # Projection sets it; the detector's pass reads the rows that are due.
+    watch_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         permissions = [
@@ -182,6 +188,18 @@ class Saga(models.Model):
                 condition=~models.Q(flags=""),
                 name="saga_flagged_idx",
             ),
+            # Same for sagas with open incidents.
+            models.Index(
+                fields=["-started_at", "-id"],
+                condition=~models.Q(open_incidents=""),
+                name="saga_incident_idx",
+            ),
+            # The detector's queue: only sagas it must look at are in this index.
+            models.Index(
+                fields=["watch_at"],
+                condition=models.Q(watch_at__isnull=False),
+                name="saga_watch_idx",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -194,6 +212,10 @@ class Saga(models.Model):
     @property
     def service_list(self) -> list[str]:
         return split_delimited(self.services)
+
+    @property
+    def incident_list(self) -> list[str]:
+        return split_delimited(self.open_incidents)
 
 
 class Step(models.Model):
@@ -323,3 +345,107 @@ class StepStatDay(_StepStatKey):
 class StepStatDelta(_StepStatKey):
     count = models.IntegerField()
     failures = models.IntegerField()
+
+
+class SagaType(models.Model):
+    """A kind of saga (``order``), created on first sight; holds its detection thresholds.
+
+    Empty thresholds fall back to the defaults in ``settings.SAGAADMIN``
+    (docs/detection.md). ``step_thresholds`` maps a step name to seconds.
+    """
+
+    name = models.CharField(max_length=100, unique=True)
+    stuck_after_seconds = models.PositiveIntegerField(null=True, blank=True)
+    step_thresholds = models.JSONField(default=dict, blank=True)
+    max_attempts = models.PositiveIntegerField(null=True, blank=True)
+    in_doubt_after_seconds = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(null=True, blank=True)
+    updated_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        permissions = [("edit_thresholds", "Can edit saga type thresholds")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class IncidentKind(models.TextChoices):
+    STUCK = "stuck"
+    COMPENSATION_FAILED = "compensation_failed"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    IN_DOUBT = "in_doubt"
+    ANOMALY = "anomaly"
+
+
+class IncidentStatus(models.TextChoices):
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+
+
+class Incident(models.Model):
+    """Something about a saga an operator must look at; at most one unresolved per (saga, kind).
+
+    Opened and auto-resolved by the detector, acknowledged and resolved by
+    operators (tracking/incidents.py). ``evidence`` lists the events that
+    triggered it: ``{"service", "event_id", "type", "step", "occurred_at"}``.
+    """
+
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="incidents")
+    saga_type = models.CharField(max_length=100, blank=True)
+    kind = models.CharField(max_length=24, choices=IncidentKind.choices)
+    status = models.CharField(
+        max_length=16, choices=IncidentStatus.choices, default=IncidentStatus.OPEN
+    )
+    step = models.CharField(max_length=100, blank=True)
+    reason = models.TextField()
+    evidence = models.JSONField(default=list)
+    opened_at = models.DateTimeField()
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_by = models.CharField(max_length=150, blank=True)
+    acknowledge_note = models.TextField(blank=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.CharField(max_length=150, blank=True)
+    # "auto" (the saga moved on) or "operator"
+    resolution = models.CharField(max_length=16, blank=True)
+    resolution_note = models.TextField(blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["saga", "kind"],
+                condition=models.Q(resolved_at__isnull=True),
+                name="incident_one_unresolved_per_kind",
+            )
+        ]
+        indexes = [
+            models.Index(fields=["status", "-opened_at", "-id"], name="incident_status_idx"),
+            models.Index(fields=["-opened_at", "-id"], name="incident_opened_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.saga_id}"
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.resolved_at is not None
+
+
+class AlertWindow(models.Model):
+    """The alert rate limit's state for one (saga type, incident kind) (tracking/incidents.py)."""
+
+    saga_type = models.CharField(max_length=100, blank=True)
+    kind = models.CharField(max_length=24)
+    started_at = models.DateTimeField()
+    sent = models.PositiveIntegerField(default=0)
+    # Messages folded into the window's summary, by incident event ("opened": 12).
+    suppressed = models.JSONField(default=dict)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["saga_type", "kind"], name="alert_window_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.saga_type}/{self.kind}"

@@ -26,8 +26,8 @@ from tracking.rollups import (
     SAGA_BUCKET_COARSE,
     STEP_BUCKET,
     STEP_BUCKET_COARSE,
-    bin_upper_ms,
     floor_time,
+    percentile,
     rollup_compact,
 )
 
@@ -205,17 +205,8 @@ def _step_rows(*, sources: list[QuerySet[Any]]) -> list[StepRow]:
                 key[1],
                 count,
                 failures[key],
-                _percentile(histogram, count, 0.50),
-                _percentile(histogram, count, 0.95),
+                percentile(histogram, count, 0.50),
+                percentile(histogram, count, 0.95),
             )
         )
     return out
-
-
-def _percentile(histogram: Counter[int], count: int, q: float) -> float:
-    rank, seen = q * count, 0
-    for bin_ in sorted(histogram):
-        seen += histogram[bin_]
-        if seen >= rank:
-            return round(bin_upper_ms(bin_), 1)
-    return round(bin_upper_ms(max(histogram)), 1)

@@ -130,6 +130,12 @@ class SagaState:
     anomalies: list[dict[str, str]] = field(default_factory=list)
     event_count: int = 0
     steps: dict[str, StepState] = field(default_factory=dict)
+    # Read by detection only (tracking/detection.py), never stored on the row:
+    reported_start: bool = False  # a saga.started event was seen
+    first_received_at: datetime | None = None
+    heartbeats: dict[str, datetime] = field(default_factory=dict)  # step ("" = saga) -> last
+    # tx.prepared with no tx.committed / tx.rolled_back after it, by (service, step)
+    prepared: dict[tuple[str, str], FoldEvent] = field(default_factory=dict)
 
 
 def order_events(events: Iterable[FoldEvent]) -> list[FoldEvent]:
@@ -182,6 +188,8 @@ def fold(saga_id: str, events: Iterable[FoldEvent], *, skew_threshold: timedelta
             state.trace_ids.append(e.trace_id)
         if state.last_received_at is None or e.received_at > state.last_received_at:
             state.last_received_at = e.received_at
+        if state.first_received_at is None or e.received_at < state.first_received_at:
+            state.first_received_at = e.received_at
         if state.status in TERMINAL_SAGA_STATUSES and e.type not in _AFTER_TERMINAL.get(
             SagaStatus(state.status), ()
         ):
@@ -242,6 +250,7 @@ def _apply(state: SagaState, e: FoldEvent) -> None:
     kind, _, what = e.type.partition(".")
 
     if e.type == "saga.started":
+        state.reported_start = True
         state.started_at = min(state.started_at, e.occurred_at)
         state.saga_type = e.saga_type or state.saga_type
         if e.deadline is not None:
@@ -325,8 +334,15 @@ def _apply(state: SagaState, e: FoldEvent) -> None:
                     "retryable": None,
                 }
                 state.last_error = {**step.last_error, "step": e.step}
-    elif e.step and kind == "tx":
-        step = _step(state, e)
-        if e.idempotency_key:
-            step.idempotency_key = e.idempotency_key
-    # heartbeat and message.* only move last_event_at (done above).
+    elif kind == "tx":
+        if what == "prepared":
+            state.prepared[(e.service, e.step)] = e
+        else:
+            state.prepared.pop((e.service, e.step), None)
+        if e.step:
+            step = _step(state, e)
+            if e.idempotency_key:
+                step.idempotency_key = e.idempotency_key
+    elif e.type == "heartbeat":
+        state.heartbeats[e.step] = e.occurred_at
+    # message.* only move last_event_at (done above).

@@ -19,8 +19,10 @@ from django.db import transaction
 from django.db.models import Q
 
 from tracking.bulk import append, insert_ignore_returning, upsert
+from tracking.detection import watch_at
 from tracking.live import notify_sagas_changed
 from tracking.models import Saga, Step, TelemetryEvent, join_delimited
+from tracking.policy import policy_get, saga_types_seen
 from tracking.projection import FoldEvent, SagaState, fold
 from tracking.rollups import (
     Contributions,
@@ -100,6 +102,8 @@ class SagaRow(Protocol):
     def flags(self) -> str: ...
     @property
     def started_at(self) -> datetime | None: ...
+    @property
+    def open_incidents(self) -> str: ...
 
 
 def skew_threshold() -> timedelta:
@@ -166,6 +170,7 @@ def read_model_refold(
     """
     assert transaction.get_connection().in_atomic_block
     threshold = skew_threshold()
+    policy = policy_get()
     contributions = Contributions()
     old_steps = old_steps_get(saga_pks=[r.pk for r in sagas.values() if r.event_count > 0])
     states: list[SagaState] = []
@@ -181,7 +186,8 @@ def read_model_refold(
         ]
         if bump == "if_changed" and not _differs(row, values, steps):
             continue
-        saga_rows.append([row.pk, saga_id, row.version + 1, *values.values()])
+        watch = watch_at(state, policy, open_incidents=bool(row.open_incidents))
+        saga_rows.append([row.pk, saga_id, row.version + 1, *values.values(), watch])
         contributions.add(
             sign=-1,
             saga=saga_row_contribution(row),
@@ -196,10 +202,10 @@ def read_model_refold(
     if saga_rows:
         upsert(
             Saga,
-            ["id", "saga_id", "version", *SAGA_FIELDS],
+            ["id", "saga_id", "version", *SAGA_FIELDS, "watch_at"],
             saga_rows,
             conflict=["saga_id"],
-            update=[*SAGA_FIELDS, "version"],
+            update=[*SAGA_FIELDS, "version", "watch_at"],
         )
         if had_steps:
             _delete_stale_steps(had_steps, step_rows)
@@ -212,6 +218,7 @@ def read_model_refold(
         )
         contributions.write()
         notify_sagas_changed(versions=[(r[1], r[2]) for r in saga_rows])
+        saga_types_seen(s.saga_type for s in states)
     return states
 
 
@@ -227,13 +234,17 @@ def read_model_create(*, events: Mapping[str, list[FoldEvent]]) -> set[str]:
     """
     assert transaction.get_connection().in_atomic_block
     threshold = skew_threshold()
+    policy = policy_get()
     states = {s: fold(s, events[s], skew_threshold=threshold) for s in sorted(events)}
     values = {s: saga_row_values(state) for s, state in states.items()}
     created = dict(
         insert_ignore_returning(
             Saga,
-            ["saga_id", "version", *SAGA_FIELDS],
-            [[s, 1, *v.values()] for s, v in values.items()],
+            ["saga_id", "version", *SAGA_FIELDS, "watch_at"],
+            [
+                [s, 1, *v.values(), watch_at(states[s], policy, open_incidents=False)]
+                for s, v in values.items()
+            ],
             conflict=("saga_id",),
             returning=("saga_id", "id"),
         )
@@ -250,6 +261,7 @@ def read_model_create(*, events: Mapping[str, list[FoldEvent]]) -> set[str]:
         append(Step, ["saga", "name", *STEP_FIELDS], step_rows)
         contributions.write()
         notify_sagas_changed(versions=[(saga_id, 1) for saga_id in created])
+        saga_types_seen(states[s].saga_type for s in created)
     return set(created)
 
 

@@ -28,3 +28,10 @@ def can_manage_keys(user: Any) -> bool:
 def can_act(user: Any) -> bool:
     """Operators and admins: operator actions, requeueing dead outbox messages."""
     return bool(getattr(user, "is_authenticated", False)) and user.has_perm("tracking.act_on_saga")
+
+
+def can_edit_thresholds(user: Any) -> bool:
+    """Admins: saga-type thresholds."""
+    return bool(getattr(user, "is_authenticated", False)) and user.has_perm(
+        "tracking.edit_thresholds"
+    )

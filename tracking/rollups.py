@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.utils.dateparse import parse_datetime
 
@@ -65,6 +66,16 @@ def bin_upper_ms(bin_: int) -> float:
     return 2 ** ((bin_ + 1) / 4) - 1
 
 
+def percentile(histogram: Counter[int], count: int, q: float) -> float:
+    """The upper edge of the duration bin holding the ``q`` quantile (within ~19 %)."""
+    rank, seen = q * count, 0
+    for bin_ in sorted(histogram):
+        seen += histogram[bin_]
+        if seen >= rank:
+            return round(bin_upper_ms(bin_), 1)
+    return round(bin_upper_ms(max(histogram)), 1)
+
+
 def saga_contribution(
     *, saga_type: str, status: str, flags: str, started_at: datetime | None, event_count: int
 ) -> Counter[SagaKey]:
@@ -87,9 +98,14 @@ def saga_row_contribution(row: Any) -> Counter[SagaKey]:
 def step_contribution(
     *, saga_type: str, steps: Iterable[tuple[str, list[dict[str, Any]]]]
 ) -> tuple[Counter[StepKey], Counter[StepKey]]:
-    """(attempt counts, failure counts) of finished forward attempts."""
+    """(attempt counts, failure counts) of finished forward attempts.
+
+    Empty when ``SAGAADMIN["STEP_STATS"]`` is off (bench/detect.py measures ingest both ways).
+    """
     counts: Counter[StepKey] = Counter()
     failures: Counter[StepKey] = Counter()
+    if not settings.SAGAADMIN["STEP_STATS"]:
+        return counts, failures
     for name, attempts in steps:
         for record in attempts:
             if record["kind"] != "forward" or record["outcome"] == "running":

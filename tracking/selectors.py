@@ -11,10 +11,18 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Count, Prefetch, Q, QuerySet
 from django.utils.dateparse import parse_datetime
 
-from tracking.models import Saga, SagaStatus, Step, TelemetryEvent
+from tracking.models import (
+    Incident,
+    IncidentKind,
+    IncidentStatus,
+    Saga,
+    SagaStatus,
+    Step,
+    TelemetryEvent,
+)
 from tracking.projection import FoldEvent, order_events
 
 SORTS = {
@@ -96,7 +104,10 @@ def saga_queryset(*, filters: SagaFilter) -> QuerySet[Saga]:
         qs = qs.filter(status__in=filters.statuses)
     if filters.service:
         qs = qs.filter(services__contains=f",{filters.service},")
-    if filters.flag:
+    if filters.flag in IncidentKind.values and filters.flag != IncidentKind.ANOMALY:
+        # an open incident's kind: the detector mirrors them in open_incidents
+        qs = qs.filter(open_incidents__contains=f",{filters.flag},").exclude(open_incidents="")
+    elif filters.flag:
         # "flags <> ''" lets PostgreSQL walk the small partial index of flagged sagas.
         qs = qs.filter(flags__contains=f",{filters.flag},").exclude(flags="")
     if filters.step:
@@ -245,3 +256,62 @@ def saga_events_list(*, saga_id: str) -> list[EventRow]:
         for e in rows
     ]
     return [by_key[(k.service, k.event_id)] for k in order_events(keys)]
+
+
+INCIDENT_STATES = ("unresolved", *IncidentStatus.values, "all")
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentPage:
+    incidents: list[Incident]
+    next_cursor: str | None
+
+
+def incident_list(
+    *,
+    state: str = "unresolved",
+    kind: str = "",
+    saga_type: str = "",
+    saga_id: str = "",
+    cursor: str | None = None,
+    limit: int = 50,
+) -> IncidentPage:
+    """Incidents, newest first, one keyset page. ``state``: unresolved (open or acknowledged),
+    open, acknowledged, resolved or all."""
+    if state not in INCIDENT_STATES:
+        raise InvalidFilter("state", f"one of {', '.join(INCIDENT_STATES)}")
+    if kind and kind not in IncidentKind.values:
+        raise InvalidFilter("kind", f"one of {', '.join(IncidentKind.values)}")
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidFilter("limit", f"between 1 and {MAX_PAGE}")
+    qs = Incident.objects.select_related("saga")
+    if state == "unresolved":
+        qs = qs.filter(resolved_at__isnull=True)
+    elif state != "all":
+        qs = qs.filter(status=state)
+    if kind:
+        qs = qs.filter(kind=kind)
+    if saga_type:
+        qs = qs.filter(saga_type=saga_type)
+    if saga_id:
+        qs = qs.filter(saga__saga_id=saga_id)
+    if cursor:
+        value, pk = decode_cursor(cursor)
+        qs = qs.filter(Q(opened_at__lt=value) | Q(opened_at=value, pk__lt=pk))
+    rows = list(qs.order_by("-opened_at", "-id")[: limit + 1])
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1].opened_at, rows[-1].pk)
+    return IncidentPage(rows, next_cursor)
+
+
+def incident_counts() -> dict[str, int]:
+    """Unresolved incidents by kind (every kind present, zero when none)."""
+    counts = dict(
+        Incident.objects.filter(resolved_at__isnull=True)
+        .order_by()
+        .values_list("kind")
+        .annotate(n=Count("id"))
+    )
+    return {kind: counts.get(kind, 0) for kind in IncidentKind.values}

@@ -212,6 +212,22 @@ SAGAADMIN = {
     "INGEST_FASTPATH": env.bool("SAGAADMIN_INGEST_FASTPATH", default=True),
     # How long the fast path trusts a looked-up service key (revocation delay).
     "KEY_CACHE_SECONDS": env.float("SAGAADMIN_KEY_CACHE_SECONDS", default=5.0),
+    # Learned step durations (count, failures, duration histogram) kept at ingest.
+    "STEP_STATS": env.bool("SAGAADMIN_STEP_STATS", default=True),
+    # Detection defaults (docs/detection.md); a saga type's own thresholds win.
+    "STUCK_AFTER_SECONDS": env.int("SAGAADMIN_STUCK_AFTER_SECONDS", default=900),
+    "MAX_ATTEMPTS": env.int("SAGAADMIN_MAX_ATTEMPTS", default=5),
+    "IN_DOUBT_AFTER_SECONDS": env.int("SAGAADMIN_IN_DOUBT_AFTER_SECONDS", default=300),
+    # A step with no threshold is slow past this multiple of its learned p99 ...
+    "SLOW_STEP_P99_MULTIPLE": env.float("SAGAADMIN_SLOW_STEP_P99_MULTIPLE", default=3.0),
+    # ... once it has this many finished attempts in the last LEARN_DAYS days.
+    "LEARN_MIN_SAMPLES": env.int("SAGAADMIN_LEARN_MIN_SAMPLES", default=100),
+    "LEARN_DAYS": env.int("SAGAADMIN_LEARN_DAYS", default=7),
+    "DETECT_INTERVAL_SECONDS": env.float("SAGAADMIN_DETECT_INTERVAL_SECONDS", default=10.0),
+    # Alerts: at most ALERT_BURST messages per (saga type, kind) per window; the
+    # rest fold into one summary message when the window ends.
+    "ALERT_BURST": env.int("SAGAADMIN_ALERT_BURST", default=10),
+    "ALERT_WINDOW_SECONDS": env.int("SAGAADMIN_ALERT_WINDOW_SECONDS", default=300),
 }
 
 LOGGING = {

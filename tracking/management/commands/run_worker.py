@@ -1,8 +1,10 @@
-"""``manage.py run_worker``: the background process — the outbox relay and housekeeping.
+"""``manage.py run_worker``: the background process — relay, detector, housekeeping.
 
 It lives in ``tracking`` because it serves both apps (outbox never imports tracking).
 
-Loops: the relay (publishing, woken by NOTIFY) in a thread; housekeeping every
+Loops: the relay (publishing, woken by NOTIFY) in a thread; the detector
+(tracking/detector.py) in a thread, a pass every ``DETECT_INTERVAL_SECONDS``
+(one active detector across all workers); housekeeping every
 ``--housekeeping-seconds``: delete published messages past
 ``OUTBOX_RETENTION_DAYS`` and compact the overview rollups. SIGTERM or SIGINT
 stops both after the work in hand.
@@ -23,13 +25,14 @@ from django.db import DatabaseError, connections
 from outbox.maintenance import published_delete
 from outbox.relay import Relay
 from outbox.transports import transport_from_url
+from tracking.detector import detect_loop
 from tracking.rollups import rollup_compact
 
 log = logging.getLogger(__name__)
 
 
 class Command(BaseCommand):
-    help = "Run the outbox relay and housekeeping until SIGTERM."
+    help = "Run the outbox relay, the detector and housekeeping until SIGTERM."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--housekeeping-seconds", type=float, default=60.0)
@@ -41,7 +44,11 @@ class Command(BaseCommand):
         transport = transport_from_url(settings.BROKER_URL)
         relay = threading.Thread(target=self._relay, args=(transport, stop), name="relay")
         relay.start()
-        self.stdout.write(f"worker: relay to {settings.BROKER_URL.split('@')[-1]}, SIGTERM stops")
+        detector = threading.Thread(target=self._detector, args=(stop,), name="detector")
+        detector.start()
+        self.stdout.write(
+            f"worker: relay to {settings.BROKER_URL.split('@')[-1]}, detector, SIGTERM stops"
+        )
         try:
             while not stop.is_set():
                 self._housekeeping()
@@ -49,12 +56,23 @@ class Command(BaseCommand):
         finally:
             stop.set()
             relay.join()
+            detector.join()
             transport.close()
             self.stdout.write("worker: stopped")
 
     def _relay(self, transport: Any, stop: threading.Event) -> None:
         try:
             Relay(transport).run(stop)
+        finally:
+            connections.close_all()
+
+    def _detector(self, stop: threading.Event) -> None:
+        try:
+            detect_loop(
+                stop,
+                interval=settings.SAGAADMIN["DETECT_INTERVAL_SECONDS"],
+                report=lambda result: log.info("%s", result),
+            )
         finally:
             connections.close_all()
 

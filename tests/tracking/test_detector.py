@@ -318,3 +318,16 @@ def test_a_saga_locked_by_ingest_is_skipped_and_stays_due(postgres: None) -> Non
         other.close()
     assert saga("busy").watch_at == at(0) + STUCK  # still due
     assert detect_pass(now=at(902)).opened == 1
+
+
+@pytest.mark.django_db
+def test_manage_py_detect_once_prints_the_pass(capsys: Any) -> None:
+    from django.core.management import call_command
+
+    start("cmd-1", received=-10_000)  # silent for hours by the real clock
+    report("cmd-1", {"type": "heartbeat"}, received=-9_000)
+    Saga.objects.filter(saga_id="cmd-1").update(watch_at=at(-8_000))
+    call_command("detect", "--once")
+    out = capsys.readouterr().out
+    assert out.startswith("detector: examined 1 sagas in ")
+    assert "opened 1, resolved 0 incidents" in out

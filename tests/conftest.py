@@ -103,7 +103,9 @@ def api(service_key: CreatedKey) -> Api:
 
 @pytest.fixture
 def user_client(db: None) -> Iterator[Client]:
+    """A logged-in viewer (the least role that reads sagas)."""
     user = get_user_model().objects.create_user("olivia", password="pw-olivia-123")
+    user.groups.add(role_group("viewer"))
     client = Client()
     client.force_login(user)
     yield client

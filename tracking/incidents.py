@@ -150,7 +150,9 @@ class Alerts:
         )
 
 
-def _note(note: str, *, required: bool) -> str:
+def _note(note: object, *, required: bool) -> str:
+    if note is not None and not isinstance(note, str):
+        raise IncidentRefused("note", "text", status=400)
     note = (note or "").strip()
     if required and not note:
         raise IncidentRefused("note", "say how it was resolved (a note is required)", status=400)

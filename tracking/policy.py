@@ -205,20 +205,23 @@ class InvalidThreshold(ValueError):
         self.message = message
 
 
-def _seconds(field_name: str, value: Any) -> int | None:
+def _whole(field_name: str, value: Any, *, most: int, unit: str) -> int | None:
+    """A whole number from 1 to ``most`` (text or number), or None for empty (the default)."""
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise InvalidThreshold(field_name, "a whole number of seconds, or empty for the default")
+        raise InvalidThreshold(field_name, f"a whole number of {unit}, or empty for the default")
     try:
         number = float(value)
     except ValueError:
-        raise InvalidThreshold(field_name, "a whole number of seconds") from None
-    if not number.is_integer() or not 1 <= number <= MAX_THRESHOLD_SECONDS:
-        raise InvalidThreshold(
-            field_name, f"a whole number of seconds from 1 to {MAX_THRESHOLD_SECONDS}"
-        )
+        raise InvalidThreshold(field_name, f"a whole number of {unit}") from None
+    if not number.is_integer() or not 1 <= number <= most:
+        raise InvalidThreshold(field_name, f"a whole number of {unit} from 1 to {most}")
     return int(number)
+
+
+def _seconds(field_name: str, value: Any) -> int | None:
+    return _whole(field_name, value, most=MAX_THRESHOLD_SECONDS, unit="seconds")
 
 
 def saga_type_update(*, name: str, changes: dict[str, Any], user: str) -> SagaType:
@@ -240,10 +243,9 @@ def saga_type_update(*, name: str, changes: dict[str, Any], user: str) -> SagaTy
             if key in changes:
                 setattr(row, key, _seconds(key, changes[key]))
         if "max_attempts" in changes:
-            attempts = _seconds("max_attempts", changes["max_attempts"])
-            if attempts is not None and attempts > 1000:
-                raise InvalidThreshold("max_attempts", "at most 1000")
-            row.max_attempts = attempts
+            row.max_attempts = _whole(
+                "max_attempts", changes["max_attempts"], most=1000, unit="attempts"
+            )
         if "step_thresholds" in changes:
             steps = changes["step_thresholds"] or {}
             if not isinstance(steps, dict):

@@ -205,3 +205,10 @@ def test_the_openapi_schema_lists_the_endpoints(user_client) -> None:
     paths = response.json()["paths"]
     assert "/api/v1/sagas" in paths
     assert user_client.get("/api/v1/docs").status_code == 200
+
+
+def test_a_person_without_a_role_reads_nothing(role_client) -> None:
+    response = role_client(None).get("/api/v1/sagas")
+    assert response.status_code == 403
+    assert response["Content-Type"].startswith("application/problem+json")
+    assert "with a role" in response.json()["detail"]

@@ -1,11 +1,37 @@
 from django.urls import path, re_path
 
+from tracking.api.incidents import (
+    IncidentAcknowledgeView,
+    IncidentDetailView,
+    IncidentListView,
+    IncidentResolveView,
+    SagaTypeDetailView,
+    SagaTypeListView,
+)
 from tracking.api.ingest import events_view
 from tracking.api.views import SagaDetailView, SagaEventsView, SagaListView
 
+# Names start with "api-": the dashboard (tracking/urls.py) has its own "saga-list" and
+# "saga-detail", and reverse() must find each one.
 urlpatterns = [
     path("events", events_view, name="events"),
-    path("sagas", SagaListView.as_view(), name="saga-list"),
-    re_path(r"^sagas/(?P<saga_id>.+)/events$", SagaEventsView.as_view(), name="saga-events"),
-    re_path(r"^sagas/(?P<saga_id>.+)$", SagaDetailView.as_view(), name="saga-detail"),
+    path("sagas", SagaListView.as_view(), name="api-saga-list"),
+    re_path(r"^sagas/(?P<saga_id>.+)/events$", SagaEventsView.as_view(), name="api-saga-events"),
+    re_path(r"^sagas/(?P<saga_id>.+)$", SagaDetailView.as_view(), name="api-saga-detail"),
+    path("incidents", IncidentListView.as_view(), name="api-incident-list"),
+    path("incidents/<int:incident_id>", IncidentDetailView.as_view(), name="api-incident-detail"),
+    path(
+        "incidents/<int:incident_id>/acknowledge",
+        IncidentAcknowledgeView.as_view(),
+        name="api-incident-acknowledge",
+    ),
+    path(
+        "incidents/<int:incident_id>/resolve",
+        IncidentResolveView.as_view(),
+        name="api-incident-resolve",
+    ),
+    path("saga-types", SagaTypeListView.as_view(), name="api-saga-type-list"),
+    re_path(
+        r"^saga-types/(?P<name>.+)$", SagaTypeDetailView.as_view(), name="api-saga-type-detail"
+    ),
 ]

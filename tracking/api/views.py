@@ -43,6 +43,7 @@ def _invalid(exc: InvalidFilter) -> ValidationError:
 
 class SagaListView(APIView):
     @extend_schema(
+        operation_id="sagas_list",
         parameters=_LIST_PARAMS,
         responses=inline_serializer(
             "SagaPage",

@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "tracking",
+    "orchestrator",
     "outbox",
 ]
 
@@ -191,6 +192,19 @@ OUTBOX = {
 }
 # BROKER_URL=webhook://: topic -> [{"url": ..., "secret": ...}] (docs/outbox-transports.md)
 OUTBOX_WEBHOOKS = env.json("OUTBOX_WEBHOOKS", default={})
+
+# The saga orchestrator (docs/orchestrator.md).
+ORCHESTRATOR = {
+    # Where orchestrated sagas are reported: tracking's in-process ingest here.
+    "REPORTER": env.str("ORCHESTRATOR_REPORTER", default="tracking.reporting.events_report"),
+    # A worker's hold on a run; a crashed worker's runs resume after it.
+    "LEASE_SECONDS": env.float("ORCHESTRATOR_LEASE_SECONDS", default=30.0),
+    "BATCH": env.int("ORCHESTRATOR_BATCH", default=20),
+    "POLL_SECONDS": env.float("ORCHESTRATOR_POLL_SECONDS", default=0.2),
+    # Circuit breaker per remote service: open after N consecutive failures, for S seconds.
+    "CIRCUIT_FAILURES": env.int("ORCHESTRATOR_CIRCUIT_FAILURES", default=5),
+    "CIRCUIT_OPEN_SECONDS": env.float("ORCHESTRATOR_CIRCUIT_OPEN_SECONDS", default=30.0),
+}
 
 # --- Saga Admin -----------------------------------------------------------
 SAGAADMIN = {

@@ -1,0 +1,112 @@
+"""Workers: claim due runs with ``FOR UPDATE SKIP LOCKED`` and a lease, advance them.
+
+Any number of workers share the load. A claim sets ``lease_owner``,
+``lease_until`` and a new ``lease_token``; every transition renews the lease
+and checks the token, so when a worker dies its runs become claimable once
+the lease expires, and the dead worker's claim can no longer write.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.db import DatabaseError, connections, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from orchestrator.engine import Claim, _lease, fault, run_advance
+from orchestrator.models import SagaRun
+
+log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def runs_claim(*, owner: str, limit: int, now: datetime | None = None) -> list[Claim]:
+    """Claim up to ``limit`` due runs nobody holds (or whose lease expired)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        pks = list(
+            SagaRun.objects.select_for_update(skip_locked=True)
+            .filter(next_run_at__lte=now, paused=False)
+            .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
+            .order_by("next_run_at")
+            .values_list("pk", flat=True)[:limit]
+        )
+        if not pks:
+            return []
+        SagaRun.objects.filter(pk__in=pks).update(
+            lease_owner=owner, lease_until=now + _lease(), lease_token=F("lease_token") + 1
+        )
+        claims = [
+            Claim(pk, token, owner)
+            for pk, token in SagaRun.objects.filter(pk__in=pks).values_list("pk", "lease_token")
+        ]
+    fault("after-claim")
+    return claims
+
+
+def claim_release(claim: Claim) -> None:
+    SagaRun.objects.filter(pk=claim.pk, lease_token=claim.token, lease_owner=claim.owner).update(
+        lease_owner="", lease_until=None
+    )
+
+
+class Worker:
+    """Claims and advances runs; :meth:`run` loops until ``stop`` is set."""
+
+    def __init__(self, *, owner: str | None = None, batch: int | None = None) -> None:
+        cfg = settings.ORCHESTRATOR
+        self.owner = owner or worker_name()
+        self.batch = batch or cfg["BATCH"]
+        self.poll = cfg["POLL_SECONDS"]
+
+    def run_once(self, *, stop: threading.Event | None = None) -> int:
+        """Claim one batch and advance each run until it waits. Returns transitions made."""
+        transitions = 0
+        for claim in runs_claim(owner=self.owner, limit=self.batch):
+            try:
+                while not (stop and stop.is_set()):
+                    transitions += 1
+                    if not run_advance(claim):
+                        break
+            finally:
+                claim_release(claim)
+        return transitions
+
+    def drain(self, *, max_rounds: int = 10_000) -> int:
+        """Run until nothing is due (tests, ``--once``)."""
+        total = 0
+        for _ in range(max_rounds):
+            done = self.run_once()
+            if not done:
+                break
+            total += done
+        return total
+
+    def run(self, stop: threading.Event) -> None:
+        """Until ``stop``: SIGTERM finishes the transition in hand, then returns."""
+        while not stop.is_set():
+            try:
+                if not self.run_once(stop=stop):
+                    stop.wait(self.poll)
+            except DatabaseError as exc:
+                log.warning("orchestrator: worker round failed, retrying: %s", exc)
+                connections.close_all()
+                stop.wait(self.poll)
+
+
+def worker_run(stop: threading.Event, **kwargs: Any) -> None:
+    try:
+        Worker(**kwargs).run(stop)
+    finally:
+        connections.close_all()

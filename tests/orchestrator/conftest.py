@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.orchestrator import sagas
+
+
+@pytest.fixture(autouse=True)
+def _script() -> Iterator[None]:
+    sagas.CALLS.clear()
+    sagas.SCRIPT.clear()
+    yield
+    sagas.SCRIPT.clear()

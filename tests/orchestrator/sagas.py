@@ -1,0 +1,55 @@
+"""Saga definitions the orchestrator tests run.
+
+Actions record their effect as an outbox message of type ``test.effect`` in the
+step's transaction (keyed by the idempotency key), so a test counts effects
+that really committed; ``CALLS`` counts every call, committed or not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import outbox
+from orchestrator import RetryPolicy, Step, StepFailed, saga_define
+
+CALLS: Counter[str] = Counter()
+# Per test: step name -> outcomes of successive calls ("ok", "fail", "fatal").
+SCRIPT: dict[str, list[str]] = {}
+
+FAST = RetryPolicy(max_attempts=3, backoff_base=0.0, backoff_max=0.0, jitter=0.0)
+
+
+def _effect(ctx: Any, what: str) -> dict[str, Any]:
+    label = f"{ctx.phase}:{ctx.step}"
+    CALLS[label] += 1
+    plan = SCRIPT.get(label, [])
+    outcome = plan.pop(0) if plan else "ok"
+    if outcome == "fail":
+        raise ConnectionError(f"{ctx.step}: the service is away")
+    if outcome == "fatal":
+        raise StepFailed(f"{ctx.step}: refused", type="Refused", retryable=False)
+    outbox.publish(
+        topic="test.effects",
+        key=ctx.saga_id,
+        type="test.effect",
+        payload={"what": what, "step": ctx.step, "phase": ctx.phase, "key": ctx.idempotency_key},
+    )
+    return {"done": ctx.step, "attempt": ctx.attempt}
+
+
+def do(ctx: Any) -> dict[str, Any]:
+    return _effect(ctx, "do")
+
+
+def undo(ctx: Any) -> dict[str, Any]:
+    return _effect(ctx, "undo")
+
+
+ORDER_STEPS = ("create_order", "charge_payment", "reserve_stock", "create_shipment")
+
+saga_define(
+    "test-order",
+    service="order",
+    steps=[Step(name, action=do, compensation=undo, retry=FAST) for name in ORDER_STEPS],
+)

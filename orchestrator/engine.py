@@ -66,11 +66,20 @@ class Claim:
     owner: str
 
 
+_fault_hits: dict[str, int] = {}
+FAULT_EXIT = 86
+
+
 def fault(point: str) -> None:
-    """Crash-test hook: ``SAGAADMIN_ORCHESTRATOR_FAULT=<point>`` kills the process there."""
-    if os.environ.get("SAGAADMIN_ORCHESTRATOR_FAULT") == point:
-        log.warning("orchestrator: fault injected at %s, exiting", point)
-        os._exit(86)
+    """Crash-test hook: ``SAGAADMIN_ORCHESTRATOR_FAULT=<point>@<n>`` kills the process
+    the n-th time it passes ``point`` (tests/orchestrator/test_crash.py)."""
+    wanted = os.environ.get("SAGAADMIN_ORCHESTRATOR_FAULT", "")
+    if not wanted.startswith(point + "@"):
+        return
+    _fault_hits[point] = _fault_hits.get(point, 0) + 1
+    if str(_fault_hits[point]) == wanted.rpartition("@")[2]:
+        log.warning("orchestrator: fault injected at %s, exiting", wanted)
+        os._exit(FAULT_EXIT)
 
 
 def _lease() -> timedelta:

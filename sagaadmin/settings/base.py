@@ -197,6 +197,8 @@ OUTBOX_WEBHOOKS = env.json("OUTBOX_WEBHOOKS", default={})
 ORCHESTRATOR = {
     # Where orchestrated sagas are reported: tracking's in-process ingest here.
     "REPORTER": env.str("ORCHESTRATOR_REPORTER", default="tracking.reporting.events_report"),
+    # Modules whose import defines saga types (saga_define), imported at start-up.
+    "SAGAS": env.list("ORCHESTRATOR_SAGAS", default=[]),
     # A worker's hold on a run; a crashed worker's runs resume after it.
     "LEASE_SECONDS": env.float("ORCHESTRATOR_LEASE_SECONDS", default=30.0),
     "BATCH": env.int("ORCHESTRATOR_BATCH", default=20),

@@ -7,6 +7,8 @@ that really committed; ``CALLS`` counts every call, committed or not.
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 from typing import Any
 
@@ -14,8 +16,9 @@ import outbox
 from orchestrator import RetryPolicy, Step, StepFailed, saga_define
 
 CALLS: Counter[str] = Counter()
-# Per test: step name -> outcomes of successive calls ("ok", "fail", "fatal").
-SCRIPT: dict[str, list[str]] = {}
+# Per test: "<phase>:<step>" -> outcomes of successive calls ("ok", "fail", "fatal");
+# a worker process started by a test reads it from TEST_SCRIPT.
+SCRIPT: dict[str, list[str]] = json.loads(os.environ.get("TEST_SCRIPT", "{}"))
 
 FAST = RetryPolicy(max_attempts=3, backoff_base=0.0, backoff_max=0.0, jitter=0.0)
 

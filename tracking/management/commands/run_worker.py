@@ -1,10 +1,11 @@
-"""``manage.py run_worker``: the background process — relay, detector, housekeeping.
+"""``manage.py run_worker``: the background process — relay, detector, orchestrator, housekeeping.
 
 It lives in ``tracking`` because it serves both apps (outbox never imports tracking).
 
 Loops: the relay (publishing, woken by NOTIFY) in a thread; the detector
 (tracking/detector.py) in a thread, a pass every ``DETECT_INTERVAL_SECONDS``
-(one active detector across all workers); housekeeping every
+(one active detector across all workers); orchestrator workers
+(orchestrator/worker.py) in a thread; housekeeping every
 ``--housekeeping-seconds``: delete published messages past
 ``OUTBOX_RETENTION_DAYS`` and compact the overview rollups. SIGTERM or SIGINT
 stops both after the work in hand.
@@ -22,6 +23,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import DatabaseError, connections
 
+from orchestrator.worker import worker_run
 from outbox.maintenance import published_delete
 from outbox.relay import Relay
 from outbox.transports import transport_from_url
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class Command(BaseCommand):
-    help = "Run the outbox relay, the detector and housekeeping until SIGTERM."
+    help = "Run the outbox relay, the detector, the orchestrator and housekeeping until SIGTERM."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--housekeeping-seconds", type=float, default=60.0)
@@ -46,8 +48,11 @@ class Command(BaseCommand):
         relay.start()
         detector = threading.Thread(target=self._detector, args=(stop,), name="detector")
         detector.start()
+        orchestrator = threading.Thread(target=worker_run, args=(stop,), name="orchestrator")
+        orchestrator.start()
         self.stdout.write(
-            f"worker: relay to {settings.BROKER_URL.split('@')[-1]}, detector, SIGTERM stops"
+            f"worker: relay to {settings.BROKER_URL.split('@')[-1]}, detector, orchestrator, "
+            "SIGTERM stops"
         )
         try:
             while not stop.is_set():
@@ -57,6 +62,7 @@ class Command(BaseCommand):
             stop.set()
             relay.join()
             detector.join()
+            orchestrator.join()
             transport.close()
             self.stdout.write("worker: stopped")
 

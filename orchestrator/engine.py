@@ -177,34 +177,45 @@ def run_advance(claim: Claim, *, now: datetime | None = None) -> bool:
             return False
         definition = definition_get(run.saga_type)
         steps = list(StepRun.objects.filter(run=run).order_by("position"))
+        before = _snapshot(steps)
         tel = Telemetry(run, definition.service)
         again = _transition(run, definition, steps, tel, now)
         run.lease_until = timezone.now() + _lease()  # still working on it
-        _save(run, steps, tel)
+        _save(run, steps, before, tel)
         fault("after-transition-before-commit")
     fault("after-transition")
     return again and not run.is_terminal
 
 
-def _save(run: SagaRun, steps: list[StepRun], tel: Telemetry) -> None:
+STEP_FIELDS = (
+    "status",
+    "attempt",
+    "compensation_attempt",
+    "epoch",
+    "tx_state",
+    "command_id",
+    "deadline",
+    "started_at",
+    "ended_at",
+    "last_error",
+)
+
+
+def _snapshot(steps: list[StepRun]) -> dict[int, tuple[Any, ...]]:
+    return {s.pk: tuple(getattr(s, f) for f in STEP_FIELDS) for s in steps}
+
+
+def _save(
+    run: SagaRun, steps: list[StepRun], before: dict[int, tuple[Any, ...]], tel: Telemetry
+) -> None:
+    """Write the run, the steps the transition changed (usually one), then report."""
     run.version += 1
     run.updated_at = timezone.now()
     run.save()
-    StepRun.objects.bulk_update(
-        steps,
-        [
-            "status",
-            "attempt",
-            "compensation_attempt",
-            "epoch",
-            "tx_state",
-            "command_id",
-            "deadline",
-            "started_at",
-            "ended_at",
-            "last_error",
-        ],
-    )
+    for step in steps:
+        values = tuple(getattr(step, f) for f in STEP_FIELDS)
+        if values != before[step.pk]:
+            StepRun.objects.filter(pk=step.pk).update(**dict(zip(STEP_FIELDS, values, strict=True)))
     tel.send()
 
 
@@ -555,6 +566,7 @@ def step_reply(
     with transaction.atomic():
         run = SagaRun.objects.select_for_update().get(pk=run_pk)
         steps = list(StepRun.objects.filter(run=run).order_by("position"))
+        before = _snapshot(steps)
         step = next((s for s in steps if s.command_id == command_id), None)
         if step is None or run.is_terminal:
             return False
@@ -590,7 +602,7 @@ def step_reply(
                 _undo_failed(run, spec, step, tel, now, error)
         else:
             return False
-        _save(run, steps, tel)
+        _save(run, steps, before, tel)
     return True
 
 

@@ -138,7 +138,41 @@ def events_ingest(
             changed = _store_and_project(service, valid, received_at, results)
             if changed:
                 transaction.on_commit(lambda: service_touch(service=service, at=received_at))
+            replies = [
+                v.event
+                for v in valid
+                if v.event.type in REPLY_EVENT_TYPES
+                and v.event.attributes.get("command_id")
+                and results[v.index].status == ACCEPTED
+            ]
+            if replies:
+                transaction.on_commit(lambda: command_replies_forward(replies))
     return IngestResult([results[i] for i in range(len(raws))], changed)
+
+
+# A service may answer an orchestrator command by reporting its outcome with
+# ``attributes.command_id`` instead of a reply message (docs/orchestrator.md).
+REPLY_EVENT_TYPES = frozenset(
+    {
+        "step.succeeded",
+        "step.failed",
+        "step.timed_out",
+        "compensation.succeeded",
+        "compensation.failed",
+    }
+)
+
+
+def command_replies_forward(events: list[EventV1]) -> None:
+    """After commit (never inside ingest's locks): hand command outcomes to the orchestrator."""
+    from orchestrator.engine import step_reply
+
+    for e in events:
+        step_reply(
+            command_id=str(e.attributes["command_id"]),
+            ok=e.type.endswith(".succeeded"),
+            error=msgspec.to_builtins(e.error) if e.error is not None else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,3 +56,41 @@ saga_define(
     service="order",
     steps=[Step(name, action=do, compensation=undo, retry=FAST) for name in ORDER_STEPS],
 )
+
+
+saga_define(
+    "test-remote",
+    service="order",
+    steps=[
+        Step("reserve_stock", action=do, compensation=undo, retry=FAST),
+        Step(
+            "charge_payment",
+            kind="remote",
+            service="payment",
+            command="charge",
+            retry=FAST,
+            timeout=30,
+        ),
+        Step("create_shipment", action=do, compensation=undo, retry=FAST),
+    ],
+)
+
+
+def prepare(ctx: Any) -> dict[str, Any]:
+    return _effect(ctx, "prepare")
+
+
+def commit(ctx: Any) -> dict[str, Any]:
+    return _effect(ctx, "commit")
+
+
+saga_define(
+    "test-tcc",
+    service="order",
+    steps=[
+        Step(
+            "hold_seat", kind="tcc", action=prepare, confirm=commit, compensation=undo, retry=FAST
+        ),
+        Step("charge_card", action=do, compensation=undo, retry=FAST),
+    ],
+)

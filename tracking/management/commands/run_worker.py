@@ -23,6 +23,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import DatabaseError, connections
 
+from orchestrator.replies import replies_consume
 from orchestrator.worker import worker_run
 from outbox.maintenance import published_delete
 from outbox.relay import Relay
@@ -50,6 +51,8 @@ class Command(BaseCommand):
         detector.start()
         orchestrator = threading.Thread(target=worker_run, args=(stop,), name="orchestrator")
         orchestrator.start()
+        replies = threading.Thread(target=self._replies, args=(stop,), name="replies")
+        replies.start()
         self.stdout.write(
             f"worker: relay to {settings.BROKER_URL.split('@')[-1]}, detector, orchestrator, "
             "SIGTERM stops"
@@ -63,6 +66,7 @@ class Command(BaseCommand):
             relay.join()
             detector.join()
             orchestrator.join()
+            replies.join()
             transport.close()
             self.stdout.write("worker: stopped")
 
@@ -79,6 +83,14 @@ class Command(BaseCommand):
                 interval=settings.SAGAADMIN["DETECT_INTERVAL_SECONDS"],
                 report=lambda result: log.info("%s", result),
             )
+        finally:
+            connections.close_all()
+
+    def _replies(self, stop: threading.Event) -> None:
+        try:
+            replies_consume(stop)
+        except Exception:  # the broker may be away: the rest of the worker goes on
+            log.exception("worker: the reply consumer stopped; remote steps will time out")
         finally:
             connections.close_all()
 

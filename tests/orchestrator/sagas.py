@@ -94,3 +94,19 @@ saga_define(
         Step("charge_card", action=do, compensation=undo, retry=FAST),
     ],
 )
+
+
+saga_define(
+    "test-breaker",
+    service="order",
+    steps=[
+        Step(
+            "charge_payment",
+            kind="remote",
+            service="payment",
+            command="charge",
+            retry=RetryPolicy(max_attempts=10, backoff_base=0.0, jitter=0.0),
+            timeout=30,
+        ),
+    ],
+)

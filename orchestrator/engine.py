@@ -190,7 +190,9 @@ def run_advance(claim: Claim, *, now: datetime | None = None) -> bool:
 STEP_FIELDS = (
     "status",
     "attempt",
+    "attempt_base",
     "compensation_attempt",
+    "compensation_base",
     "epoch",
     "tx_state",
     "command_id",
@@ -357,17 +359,21 @@ def _failed(
         error=error,
         idempotency_key=idempotency_key(run.saga_id, step.name, run.epoch),
     )
-    if error.get("retryable") and step.attempt < spec.retry.max_attempts:
+    if error.get("retryable") and step.attempt - step.attempt_base < spec.retry.max_attempts:
         run.next_run_at = now + spec.retry.delay(step.attempt)
         run.waiting = f"retry {step.attempt + 1} of {step.name} at {run.next_run_at:%H:%M:%S}"
         return False
     return compensation_begin(run, steps, tel, now)
 
 
+def compensation_needed(run: SagaRun, steps: list[StepRun]) -> bool:
+    definition = definition_get(run.saga_type)
+    return any(_undoable(definition.step(s.name), s) for s in steps)
+
+
 def compensation_begin(run: SagaRun, steps: list[StepRun], tel: Telemetry, now: datetime) -> bool:
     """Start undoing the completed steps, or end ``failed`` when there is nothing to undo."""
-    definition = definition_get(run.saga_type)
-    if any(_undoable(definition.step(s.name), s) for s in steps):
+    if compensation_needed(run, steps):
         run.status = RunStatus.COMPENSATING
         run.next_run_at = now
         run.waiting = ""
@@ -453,7 +459,8 @@ def _undo_failed(
     tel.add(
         "compensation.failed", now, step=step.name, attempt=step.compensation_attempt, error=error
     )
-    if error.get("retryable") and step.compensation_attempt < spec.undo_retry.max_attempts:
+    budget = spec.undo_retry.max_attempts
+    if error.get("retryable") and step.compensation_attempt - step.compensation_base < budget:
         run.next_run_at = now + spec.undo_retry.delay(step.compensation_attempt)
         run.waiting = (
             f"retry {step.compensation_attempt + 1} of undoing {step.name} "

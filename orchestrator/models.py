@@ -99,6 +99,10 @@ class StepRun(models.Model):
     )
     attempt = models.PositiveIntegerField(default=0)
     compensation_attempt = models.PositiveIntegerField(default=0)
+    # Attempts made before the current epoch: an operator's retry gives the step
+    # its whole retry budget again while attempt numbers keep growing.
+    attempt_base = models.PositiveIntegerField(default=0)
+    compensation_base = models.PositiveIntegerField(default=0)
     # The epoch of the current attempt (its idempotency key's epoch).
     epoch = models.PositiveIntegerField(default=1)
     # tcc: "", "prepared", "committed", "rolled_back"

@@ -110,3 +110,21 @@ saga_define(
         ),
     ],
 )
+
+
+SLOW = RetryPolicy(max_attempts=3, backoff_base=60.0, backoff_max=60.0, jitter=0.0)
+
+saga_define(
+    "test-slow-retry",
+    service="order",
+    steps=[
+        Step("create_order", action=do, compensation=undo, retry=SLOW),
+        Step("charge_payment", action=do, compensation=undo, retry=SLOW),
+    ],
+)
+
+saga_define(
+    "test-hyp",
+    service="order",
+    steps=[Step(n, action=do, compensation=undo, retry=FAST) for n in ("a", "b", "c")],
+)

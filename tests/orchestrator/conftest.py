@@ -11,5 +11,7 @@ from tests.orchestrator import sagas
 def _script() -> Iterator[None]:
     sagas.CALLS.clear()
     sagas.SCRIPT.clear()
+    sagas.PLAN.clear()
     yield
     sagas.SCRIPT.clear()
+    sagas.PLAN.clear()

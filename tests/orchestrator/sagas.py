@@ -19,6 +19,8 @@ CALLS: Counter[str] = Counter()
 # Per test: "<phase>:<step>" -> outcomes of successive calls ("ok", "fail", "fatal");
 # a worker process started by a test reads it from TEST_SCRIPT.
 SCRIPT: dict[str, list[str]] = json.loads(os.environ.get("TEST_SCRIPT", "{}"))
+# Outcomes for any call, in order, once SCRIPT has none for its label.
+PLAN: list[str] = []
 
 FAST = RetryPolicy(max_attempts=3, backoff_base=0.0, backoff_max=0.0, jitter=0.0)
 
@@ -27,7 +29,7 @@ def _effect(ctx: Any, what: str) -> dict[str, Any]:
     label = f"{ctx.phase}:{ctx.step}"
     CALLS[label] += 1
     plan = SCRIPT.get(label, [])
-    outcome = plan.pop(0) if plan else "ok"
+    outcome = plan.pop(0) if plan else (PLAN.pop(0) if PLAN else "ok")
     if outcome == "fail":
         raise ConnectionError(f"{ctx.step}: the service is away")
     if outcome == "fatal":

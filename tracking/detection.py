@@ -78,6 +78,10 @@ def _ago(delta: timedelta) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _when(at: datetime) -> str:
+    return at.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _last(events: Sequence[FoldEvent], test: Callable[[FoldEvent], bool]) -> FoldEvent | None:
     return next((e for e in reversed(events) if test(e)), None)
 
@@ -114,7 +118,7 @@ def stuck(f: Facts) -> Finding | None:
         start = _last(f.events, lambda e: e.type == "saga.started")
         return Finding(
             IncidentKind.STUCK,
-            f"past its deadline {state.deadline.isoformat()} and not finished",
+            f"past its deadline {_when(state.deadline)} and not finished",
             (start,) if start else tuple(f.events[-1:]),
         )
     for step in state.steps.values():
@@ -125,7 +129,7 @@ def stuck(f: Facts) -> Finding | None:
         if step.deadline is not None and step.deadline < f.now:
             return Finding(
                 IncidentKind.STUCK,
-                f"step {step.name} past its deadline {step.deadline.isoformat()}",
+                f"step {step.name} past its deadline {_when(step.deadline)}",
                 evidence,
                 step.name,
             )

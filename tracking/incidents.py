@@ -186,6 +186,7 @@ def incident_acknowledge(*, incident_id: int, user: str, note: str = "") -> Inci
         incident.save(
             update_fields=["status", "acknowledged_at", "acknowledged_by", "acknowledge_note"]
         )
+        _saga_touched(incident.saga)
         alert_publish(incident, "acknowledged")
     return incident
 
@@ -201,12 +202,17 @@ def incident_resolve(*, incident_id: int, user: str, note: str) -> Incident:
         incident.save()
         saga = incident.saga
         kinds = [k for k in split_delimited(saga.open_incidents) if k != incident.kind]
-        Saga.objects.filter(pk=saga.pk).update(
-            open_incidents=join_delimited(kinds), version=saga.version + 1
-        )
-        notify_sagas_changed(versions=[(saga.saga_id, saga.version + 1)])
+        Saga.objects.filter(pk=saga.pk).update(open_incidents=join_delimited(kinds))
+        _saga_touched(saga)
         alert_publish(incident, "resolved")
     return incident
+
+
+def _saga_touched(saga: Saga) -> None:
+    """The saga's page shows its incidents: a new version makes open pages refresh it."""
+    saga.version += 1
+    Saga.objects.filter(pk=saga.pk).update(version=saga.version)
+    notify_sagas_changed(versions=[(saga.saga_id, saga.version)])
 
 
 def incident_close(

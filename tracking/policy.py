@@ -66,7 +66,12 @@ class StepBound:
 
     def describe(self) -> str:
         seconds = self.limit.total_seconds()
-        text = f"{seconds:g} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+        if seconds < 10:
+            text = f"{seconds:.2g} s"
+        elif seconds < 120:
+            text = f"{seconds:.0f} s"
+        else:
+            text = f"{seconds / 60:.1f} min"
         return text + (" (configured)" if self.source == "configured" else " (learned)")
 
 

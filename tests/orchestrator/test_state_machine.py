@@ -46,7 +46,7 @@ class SagaMachine(RuleBasedStateMachine):
 
     @rule(outcome=outcomes)
     def advance(self, outcome: str) -> None:
-        """One transition, whatever is due (retries included); an action it calls has ``outcome``."""
+        """One transition of whatever is due; an action it calls has ``outcome``."""
         sagas.PLAN[:] = [outcome]
         later = timezone.now() + timedelta(hours=1)
         for claim in runs_claim(owner="hyp", limit=50, now=later):

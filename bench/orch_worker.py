@@ -1,0 +1,43 @@
+"""One orchestrator worker process of bench/orchestrator.py: start its share of sagas, drain.
+
+Prints one JSON line: {"t0", "t1", "started", "transitions"} (wall-clock seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaadmin.settings.base")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--saga-type", required=True)
+    parser.add_argument("--ids", required=True, help="first:last:step of the saga numbers")
+    parser.add_argument("--tag", required=True)
+    args = parser.parse_args()
+    import django
+
+    django.setup()
+    import bench.orch_sagas  # noqa: F401  (defines the saga types)
+    from orchestrator import saga_start
+    from orchestrator.worker import Worker
+
+    first, last, step = (int(x) for x in args.ids.split(":"))
+    t0 = time.time()
+    started = 0
+    for i in range(first, last, step):
+        saga_start(saga_type=args.saga_type, saga_id=f"{args.tag}-{i}", data={"n": i})
+        started += 1
+    transitions = Worker(batch=50).drain()
+    print(json.dumps({"t0": t0, "t1": time.time(), "started": started, "transitions": transitions}))
+
+
+if __name__ == "__main__":
+    main()

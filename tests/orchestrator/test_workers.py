@@ -99,3 +99,51 @@ def test_a_stale_claim_is_fenced_off(postgres: None) -> None:
     claim_release(old)  # a's late release does not free b's claim
     assert SagaRun.objects.get().lease_owner == "b"
     assert run_advance(Claim(new.pk, new.token, "a")) is False  # the owner must match too
+
+
+def test_sigterm_finishes_the_transition_in_hand_and_exits(postgres: None, tmp_path: Any) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.e2e.conftest import _database_url
+
+    for i in range(150):
+        saga_start(saga_type="test-order", saga_id=f"term-{i}")
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "sagaadmin.settings.base",
+        "DATABASE_URL": _database_url(dict(connection.settings_dict)),
+        "ORCHESTRATOR_SAGAS": "tests.orchestrator.sagas",
+        "SAGAADMIN_VAR_DIR": str(tmp_path),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "run_orchestrator"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not SagaRun.objects.filter(status="completed").exists():
+            assert time.monotonic() < deadline, "the worker completed nothing"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert b"orchestrator: stopped" in out
+    assert not SagaRun.objects.exclude(lease_owner="").exists()  # every claim released
+    unfinished = SagaRun.objects.exclude(status="completed").count()
+    assert unfinished > 0  # it stopped early, not after all the work
+
+    Worker().drain()  # another worker finishes the rest
+    assert set(SagaRun.objects.values_list("status", flat=True)) == {"completed"}
+    effects = Counter(
+        json.loads(m.payload)["key"] for m in OutboxMessage.objects.filter(type="test.effect")
+    )
+    assert len(effects) == 150 * 4 and set(effects.values()) == {1}

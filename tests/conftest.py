@@ -120,6 +120,8 @@ def role_group(name: str) -> Any:
 
     if not Group.objects.filter(name=name).exists():
         importlib.import_module("tracking.migrations.0004_roles").forwards(apps, None)
+        importlib.import_module("tracking.migrations.0010_threshold_role").forwards(apps, None)
+        importlib.import_module("tracking.migrations.0011_start_saga_role").forwards(apps, None)
     return Group.objects.get(name=name)
 
 

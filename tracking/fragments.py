@@ -68,11 +68,25 @@ def time_html(at: datetime | None, now: datetime) -> SafeString:
     )
 
 
-def _flags_html(flags: str) -> SafeString:
-    names = split_delimited(flags)
-    if not names:
-        return SafeString(DASH)
-    return SafeString(" ".join(f'<span class="flag flag-{esc(f)}">{esc(f)}</span>' for f in names))
+def _flags_html(flags: str, open_incidents: str = "") -> SafeString:
+    """The row's flags, then its open incidents' kinds; a dash when it has neither."""
+    badges = [f'<span class="flag flag-{esc(f)}">{esc(f)}</span>' for f in split_delimited(flags)]
+    badges += [incident_badge_html(kind) for kind in split_delimited(open_incidents)]
+    return SafeString(" ".join(badges) if badges else DASH)
+
+
+def incident_badge_html(kind: str) -> SafeString:
+    """One open incident's kind as a badge (red, a warning sign so colour is not the only cue)."""
+    return SafeString(
+        f'<span class="incident incident-{esc(kind)}" title="open incident: {esc(kind)}">'
+        f'<span aria-hidden="true">⚠ </span><span class="sr-only">open incident: </span>'
+        f"{esc(kind)}</span>"
+    )
+
+
+def incident_badges_html(open_incidents: str) -> SafeString:
+    """Badges for a saga's ``open_incidents`` (",stuck,in_doubt,"); empty when none."""
+    return SafeString(" ".join(incident_badge_html(k) for k in split_delimited(open_incidents)))
 
 
 # The fields a row shows (the list query loads only these).
@@ -84,6 +98,7 @@ SAGA_ROW_FIELDS = (
     "status",
     "current_step",
     "flags",
+    "open_incidents",
     "started_at",
     "last_event_at",
     "duration_ms",
@@ -99,7 +114,7 @@ def saga_row_html(saga: Saga, now: datetime) -> SafeString:
         f"<td>{esc(saga.saga_type) or DASH}</td>"
         f'<td><span class="status status-{esc(saga.status)}">{esc(saga.status)}</span></td>'
         f"<td>{esc(saga.current_step) or DASH}</td>"
-        f"<td>{_flags_html(saga.flags)}</td>"
+        f"<td>{_flags_html(saga.flags, saga.open_incidents)}</td>"
         f"<td>{time_html(saga.started_at, now)}</td>"
         f"<td>{time_html(saga.last_event_at, now)}</td>"
         f"<td>{format_duration(saga.duration_ms)}</td></tr>"

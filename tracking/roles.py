@@ -35,3 +35,10 @@ def can_edit_thresholds(user: Any) -> bool:
     return bool(getattr(user, "is_authenticated", False)) and user.has_perm(
         "tracking.edit_thresholds"
     )
+
+
+def can_start_sagas(user: Any) -> bool:
+    """Admins: start orchestrated sagas (tracking/migrations/0011_start_saga_role.py)."""
+    return bool(getattr(user, "is_authenticated", False)) and user.has_perm(
+        "orchestrator.start_saga"
+    )

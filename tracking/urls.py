@@ -7,6 +7,17 @@ urlpatterns = [
     path("sagas/", views.saga_list_page, name="saga-list"),
     path("live/saga-rows", views.saga_rows_fragment, name="saga-rows"),
     re_path(r"^sagas/(?P<saga_id>.+)$", views.saga_detail_page, name="saga-detail"),
+    path("incidents/", views.incident_list_page, name="incidents"),
+    path(
+        "incidents/<int:incident_id>/acknowledge",
+        views.incident_acknowledge_view,
+        name="incident-acknowledge",
+    ),
+    path(
+        "incidents/<int:incident_id>/resolve", views.incident_resolve_view, name="incident-resolve"
+    ),
+    path("saga-types/", views.saga_types_page, name="saga-types"),
+    path("orchestrator/", views.orchestrator_page, name="orchestrator"),
     path("services/", views.services_page, name="services"),
     path("outbox/", views.outbox_page, name="outbox"),
     path("outbox/requeue", views.outbox_requeue_view, name="outbox-requeue"),

@@ -79,6 +79,12 @@ class SagaRun(models.Model):
                 condition=models.Q(next_run_at__isnull=False),
                 name="run_due_idx",
             ),
+            # The runs not finished (the dashboard's list), newest first.
+            models.Index(
+                fields=["-created_at", "-id"],
+                condition=models.Q(status__in=["running", "compensating"]),
+                name="run_open_idx",
+            ),
         ]
 
     def __str__(self) -> str:

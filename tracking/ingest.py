@@ -26,6 +26,7 @@ from tracking.protocol import (
     content_hash,
     decode_event,
     normalise_times,
+    redact,
 )
 from tracking.read_model import read_model_create, read_model_refold, stored_events_get
 
@@ -89,8 +90,10 @@ def _validate(
                 max_depth=cfg["PAYLOAD_MAX_DEPTH"],
                 redact_keys=redact_keys,
             )
+            # attributes are searchable business keys: a secret never belongs there
+            attributes = redact(event.attributes, redact_keys)
             event = msgspec.structs.replace(
-                normalise_times(event), service=service.name, payload=payload
+                normalise_times(event), service=service.name, payload=payload, attributes=attributes
             )
             item = _Valid(index, event, content_hash(event), (warning,) if warning else ())
         except EventRejected as exc:

@@ -393,3 +393,14 @@ def test_the_same_instant_with_another_offset_is_a_duplicate(api, make_event) ->
 def test_an_overlong_attribute_key_is_named_as_attributes(api, make_event) -> None:
     response = api.batch([make_event(attributes={"k" * 101: 1})])
     assert [e["field"] for e in response.json()["results"][0]["errors"]] == ["attributes"]
+
+
+def test_secrets_in_attributes_are_redacted_like_payloads(api, make_event) -> None:
+    from tracking.models import Saga
+
+    event = make_event("saga.started", attributes={"order_id": 7, "Password": "hunter2"})
+    assert api.batch([event]).status_code == 200
+    assert Saga.objects.get(saga_id="saga-1").attributes == {
+        "order_id": 7,
+        "Password": "[redacted]",
+    }

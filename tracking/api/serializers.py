@@ -1,4 +1,5 @@
-"""Shapes of the API: read-only outputs, and the bodies of the incident and saga-type writes."""
+"""Shapes of the API: read-only outputs, and the bodies of the incident, saga-type and start
+writes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from orchestrator.models import Circuit
 from tracking.incidents import NOTE_MAX
 from tracking.models import Incident, Saga, Step, TelemetryEvent
 from tracking.selectors import EventRow
@@ -257,3 +259,108 @@ class SagaTypeUpdateSerializer(serializers.Serializer):
         allow_null=True,
         help_text="replaces the whole map: step name -> seconds (null drops a step)",
     )
+
+
+# -- the orchestrator ------------------------------------------------------------------
+
+
+class RetryPolicySerializer(serializers.Serializer):
+    max_attempts = serializers.IntegerField()
+    backoff_base = serializers.FloatField(help_text="seconds before the 2nd attempt")
+    backoff_max = serializers.FloatField(help_text="seconds: the longest delay")
+    jitter = serializers.FloatField(help_text="delays are scaled by a factor in [1 - jitter, 1]")
+
+
+class StepDefinitionSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    kind = serializers.ChoiceField(choices=["local", "remote", "tcc"])
+    service = serializers.CharField(allow_blank=True, help_text='remote: who runs it; else ""')
+    command = serializers.CharField(allow_blank=True, help_text='remote: the action; else ""')
+    undo_command = serializers.SerializerMethodField(help_text="remote: the compensation's action")
+    retry = RetryPolicySerializer()
+    compensation_retry = RetryPolicySerializer(source="undo_retry")
+    timeout = serializers.FloatField(help_text="seconds an attempt may take")
+    has_compensation = serializers.BooleanField()
+    has_confirm = serializers.SerializerMethodField(help_text="tcc: a confirm action commits")
+
+    def get_undo_command(self, step: Any) -> str:
+        return str(step.undo_action) if step.kind == "remote" else ""
+
+    def get_has_confirm(self, step: Any) -> bool:
+        return step.confirm is not None
+
+
+class SagaDefinitionSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    service = serializers.CharField(help_text="the service its telemetry is reported as")
+    steps = StepDefinitionSerializer(many=True)
+
+
+class StepRunStateSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    position = serializers.IntegerField()
+    kind = serializers.CharField()
+    service = serializers.CharField(allow_blank=True)
+    command = serializers.CharField(allow_blank=True)
+    status = serializers.CharField()
+    attempt = serializers.IntegerField()
+    compensation_attempt = serializers.IntegerField()
+    epoch = serializers.IntegerField()
+    tx_state = serializers.CharField(
+        allow_blank=True, help_text='tcc: "", "prepared", "committed" or "rolled_back"'
+    )
+    command_id = serializers.CharField(allow_blank=True, help_text="remote: the command now out")
+    deadline = serializers.DateTimeField(allow_null=True)
+    started_at = serializers.DateTimeField(allow_null=True)
+    ended_at = serializers.DateTimeField(allow_null=True)
+    last_error = serializers.JSONField(allow_null=True)
+
+
+class RunStateSerializer(serializers.Serializer):
+    saga_id = serializers.CharField()
+    saga_type = serializers.CharField()
+    status = serializers.CharField()
+    paused = serializers.BooleanField()
+    waiting = serializers.CharField(allow_blank=True, help_text="why it is not advancing now")
+    epoch = serializers.IntegerField(help_text="grows with every operator retry")
+    version = serializers.IntegerField(help_text="grows with every transition")
+    next_run_at = serializers.DateTimeField(
+        allow_null=True, help_text="when a worker advances it; null: waits for a reply or person"
+    )
+    lease_owner = serializers.CharField(allow_blank=True, help_text="the worker holding it")
+    lease_until = serializers.DateTimeField(allow_null=True)
+    last_error = serializers.JSONField(allow_null=True)
+    # DRF moves declared fields off the class: this does not hide Serializer.data.
+    data = serializers.JSONField(  # type: ignore[assignment]
+        help_text="the start's data (redacted like payloads)"
+    )
+    results = serializers.JSONField(help_text="step name -> the action's result (redacted)")
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+    ended_at = serializers.DateTimeField(allow_null=True)
+    steps = StepRunStateSerializer(many=True)
+    saga_url = serializers.SerializerMethodField()
+
+    @extend_schema_field(OpenApiTypes.URI)
+    def get_saga_url(self, state: Any) -> str:
+        """The saga's telemetry in the read API (absolute when the serializer has the request)."""
+        path = reverse("api-saga-detail", kwargs={"saga_id": state.saga_id})
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request is not None else path
+
+
+class SagaStartSerializer(serializers.Serializer):
+    saga_type = serializers.CharField(help_text="a defined saga type")
+    saga_id = serializers.CharField(trim_whitespace=False, help_text="1 to 200 characters")
+    data = serializers.JSONField(  # type: ignore[assignment]
+        required=False, allow_null=True, help_text="a JSON object: the saga's input"
+    )
+
+
+class CircuitSerializer(serializers.ModelSerializer):
+    state = serializers.ChoiceField(choices=["closed", "open", "half_open"])
+
+    class Meta:
+        model = Circuit
+        fields = ["service", "state", "failures", "opened_at", "retry_at"]
+        read_only_fields = fields

@@ -9,6 +9,12 @@ from tracking.api.incidents import (
     SagaTypeListView,
 )
 from tracking.api.ingest import events_view
+from tracking.api.orchestrator import (
+    CircuitListView,
+    DefinitionListView,
+    RunDetailView,
+    SagaStartView,
+)
 from tracking.api.views import SagaDetailView, SagaEventsView, SagaListView
 
 # Names start with "api-": the dashboard (tracking/urls.py) has its own "saga-list" and
@@ -34,4 +40,16 @@ urlpatterns = [
     re_path(
         r"^saga-types/(?P<name>.+)$", SagaTypeDetailView.as_view(), name="api-saga-type-detail"
     ),
+    path(
+        "orchestrator/definitions",
+        DefinitionListView.as_view(),
+        name="api-orchestrator-definitions",
+    ),
+    path("orchestrator/sagas", SagaStartView.as_view(), name="api-orchestrator-start"),
+    re_path(
+        r"^orchestrator/sagas/(?P<saga_id>.+)$",
+        RunDetailView.as_view(),
+        name="api-orchestrator-run",
+    ),
+    path("orchestrator/circuits", CircuitListView.as_view(), name="api-orchestrator-circuits"),
 ]

@@ -13,7 +13,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 python3 \
 	command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
 	&& { command -v $$c; break; }; done)
 
-.PHONY: run test lint typecheck venv migrate bench-ingest bench-queries bench-relay clean help
+.PHONY: run test lint typecheck venv migrate bench-ingest bench-queries bench-relay bench-detect clean help
 
 help:
 	@echo "make run    - set up .venv, migrate, start the dashboard on http://$(HOST):$(PORT)"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench-ingest - ingest throughput against raw PostgreSQL"
 	@echo "make bench-queries - dashboard/API query times on 1M sagas against raw SQL"
 	@echo "make bench-relay - outbox relay to RabbitMQ against raw broker/database and a peer"
+	@echo "make bench-detect - detector pass on 1M sagas; ingest with step stats on/off"
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON)" ]; then echo "Python 3.12+ not found: install it or set PYTHON=/path/to/python3.12"; exit 1; fi
@@ -35,9 +36,12 @@ venv: $(VENV)/.installed
 migrate: venv
 	$(PY) manage.py migrate --noinput
 
+# The web server, with the background worker (relay, detector, orchestrator) beside it.
 run: migrate
 	@$(PY) manage.py ensure_admin
 	@echo "Dashboard: http://$(HOST):$(PORT)/   API docs: http://$(HOST):$(PORT)/api/v1/docs"
+	@$(PY) manage.py run_worker & worker=$$!; \
+	trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
 	$(VENV)/bin/uvicorn sagaadmin.asgi:application --host $(HOST) --port $(PORT) --no-access-log
 
 lint: venv
@@ -45,7 +49,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy sagaadmin tracking outbox
+	$(VENV)/bin/mypy sagaadmin tracking orchestrator outbox
 
 test: lint typecheck
 	DJANGO_SETTINGS_MODULE=sagaadmin.settings.test $(PY) manage.py makemigrations --check --dry-run
@@ -59,6 +63,9 @@ bench-queries: venv
 
 bench-relay: venv
 	$(PY) bench/relay.py
+
+bench-detect: venv
+	$(PY) bench/detect.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

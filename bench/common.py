@@ -1,4 +1,4 @@
-"""What both benchmark scripts share: the bench database, manage.py, environment settings."""
+"""What the benchmark scripts share: the bench database, manage.py, settings, CPU accounting."""
 
 from __future__ import annotations
 
@@ -84,3 +84,10 @@ def process_cpu() -> dict[int, ProcCpu]:
         children = sum(int(v) for v in fields[13:15]) / tick
         procs[int(entry.name)] = ProcCpu(name, int(fields[2]), own, own + children)
     return procs
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores)."""
+    # user nice system [idle iowait] irq softirq steal (guest is already in user)
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(values[:3]) + sum(values[5:])) / os.sysconf("SC_CLK_TCK")

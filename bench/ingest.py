@@ -62,7 +62,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import ROOT, BenchError, base_dsn, database_recreate, env_num, manage, process_cpu
+from common import (
+    ROOT,
+    BenchError,
+    base_dsn,
+    busy_seconds,
+    database_recreate,
+    env_num,
+    manage,
+    process_cpu,
+)
 from psycopg.types.json import Jsonb
 
 BIN = Path(sys.executable).parent  # the venv this script runs in
@@ -351,13 +360,6 @@ class Result:
     note: str = ""
 
 
-def _busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy (all cores)."""
-    # user nice system [idle iowait] irq softirq steal (guest is already in user)
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(values[:3]) + sum(values[5:])) / os.sysconf("SC_CLK_TCK")
-
-
 def _cpu_sample(server_pgid: int | None, clients: set[int]) -> dict[str, float]:
     totals = {"server": 0.0, "postgres": 0.0, "clients": 0.0}
     if not Path("/proc/stat").exists():
@@ -370,7 +372,7 @@ def _cpu_sample(server_pgid: int | None, clients: set[int]) -> dict[str, float]:
             totals["postgres"] += seconds
         elif pid in clients:
             totals["clients"] += seconds
-    totals["machine"] = _busy_seconds()
+    totals["machine"] = busy_seconds()
     return totals
 
 
@@ -561,6 +563,24 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+RESULT_HEADER = (
+    f"{'phase':<34}{'clients':>9}{'rate':>17}{'p50 ms':>9}{'p99 ms':>9}"
+    "  CPU cores: server postgres  clients    other"
+)
+
+
+def result_row(r: Result) -> str:
+    """One measured phase as a line under ``RESULT_HEADER`` (and its note, if any)."""
+    unit = UNITS[r.phase.kind]
+    clients = f"{r.phase.procs}x{r.phase.threads}" if r.phase.threads > 1 else r.phase.procs
+    cpu = "".join(f"{r.cpu[k]:>9.2f}" for k in ("server", "postgres", "clients", "other"))
+    line = (
+        f"{r.phase.label:<34}{clients!s:>9}{r.rate:>8,.0f} {unit:<9}{r.p50_ms:>8.1f}"
+        f"{r.p99_ms:>9.1f}  {cpu}"
+    )
+    return f"{line}\n  note: {r.note}" if r.note else line
+
+
 def report(
     results: dict[str, Result], args: argparse.Namespace, pg_version: str, indexes: list[str]
 ) -> None:
@@ -572,20 +592,9 @@ def report(
     )
     print(f"{RAW_TABLE}: the columns of {EVENTS_TABLE} and the same {'; '.join(indexes)}")
     print()
-    print(
-        f"{'phase':<34}{'clients':>9}{'rate':>17}{'p50 ms':>9}{'p99 ms':>9}"
-        "  CPU cores: server postgres  clients    other"
-    )
+    print(RESULT_HEADER)
     for r in results.values():
-        unit = UNITS[r.phase.kind]
-        clients = f"{r.phase.procs}x{r.phase.threads}" if r.phase.threads > 1 else r.phase.procs
-        cpu = "".join(f"{r.cpu[k]:>9.2f}" for k in ("server", "postgres", "clients", "other"))
-        print(
-            f"{r.phase.label:<34}{clients!s:>9}{r.rate:>8,.0f} {unit:<9}{r.p50_ms:>8.1f}"
-            f"{r.p99_ms:>9.1f}  {cpu}"
-        )
-        if r.note:
-            print(f"  note: {r.note}")
+        print(result_row(r))
     print()
     for label, num, den, bar in (
         ("batch ingest / raw COPY", "batch", "copy", BAR_BATCH),
@@ -600,19 +609,29 @@ def report(
         print(f"{label:<46} {ratio:5.3f}  (bar >= {bar:.2f}, {needed})  {verdict}")
 
 
-def main() -> int:
-    args = parse_args()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on kill too
-    dsn, pg_version = database_recreate(base_dsn(), DB_NAME)
+def database_prepare(name: str) -> tuple[str, str, dict[str, str], str]:
+    """Recreate and migrate a bench database and create a service key.
+
+    Returns its DSN, the server version, the environment to start the server
+    with (this process's, plus DATABASE_URL) and the key.
+    """
+    dsn, pg_version = database_recreate(base_dsn(), name)
     env = {
         **os.environ,
         "DATABASE_URL": dsn,
         "DJANGO_SETTINGS_MODULE": "sagaadmin.settings.base",
         "DEBUG": "0",
     }
-    print(f"database {DB_NAME} recreated; migrating", flush=True)
+    print(f"database {name} recreated; migrating", flush=True)
     manage(env, "migrate", "--noinput", "-v", "0")
     key = manage(env, "create_service_key", "bench", "--quiet").strip()
+    return dsn, pg_version, env, key
+
+
+def main() -> int:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on kill too
+    dsn, pg_version, env, key = database_prepare(DB_NAME)
     indexes = raw_table_create(dsn)
     results: dict[str, Result] = {}
     failure: BenchError | None = None
@@ -640,16 +659,8 @@ def run_server_phases(
         with server_running(env, args.workers, log) as (port, pgid):
             print(f"server up on port {port} with {args.workers} workers", flush=True)
             plans = [
-                Phase(
-                    "batch ingest (500 events/request)",
-                    "batch",
-                    args.batch_clients,
-                    1,
-                    target=str(port),
-                    key=key,
-                    events_per_thread=BATCH_SIZE
-                    * math.ceil(MAX_BATCH_EVENTS_PER_S * span / args.batch_clients / BATCH_SIZE),
-                    **common,
+                batch_phase(
+                    "batch ingest (500 events/request)", args.batch_clients, port, key, **common
                 ),
                 Phase(
                     "single-event ingest",
@@ -665,16 +676,55 @@ def run_server_phases(
                 ),
             ]
             for phase in plans:
-                checkpoint(env["DATABASE_URL"])
-                # Timestamps cover the phase, starting after the clients prepared.
-                phase = dataclasses.replace(phase, span_start=time.time() + 5, span_seconds=span)
-                print(f"running {phase.label} ...", flush=True)
-                try:
-                    results[phase.kind] = run_phase(phase, pgid)
-                except BenchError as exc:
-                    raise BenchError(f"{exc}\nserver log (tail):\n{_tail(log)}") from None
-            if "Traceback" in log.read_text(errors="replace"):
-                raise BenchError(f"the server logged errors:\n{_tail(log)}")
+                results[phase.kind] = run_server_phase(phase, env["DATABASE_URL"], pgid, log)
+            server_log_check(log)
+
+
+def batch_phase(
+    label: str,
+    clients: int,
+    port: int,
+    key: str,
+    *,
+    warmup: float,
+    duration: float,
+    max_rate: int = MAX_BATCH_EVENTS_PER_S,
+) -> Phase:
+    """Batch ingest: ``clients`` processes POSTing 500-event batches to the server on ``port``.
+
+    Each client pre-generates its share of ``max_rate`` events/s for the phase.
+    """
+    span = warmup + duration
+    return Phase(
+        label,
+        "batch",
+        clients,
+        1,
+        warmup=warmup,
+        duration=duration,
+        target=str(port),
+        key=key,
+        events_per_thread=BATCH_SIZE * math.ceil(max_rate * span / clients / BATCH_SIZE),
+    )
+
+
+def run_server_phase(phase: Phase, dsn: str, pgid: int, log: Path) -> Result:
+    """Measure one phase against the running server (after a checkpoint)."""
+    checkpoint(dsn)
+    # Timestamps cover the phase, starting after the clients prepared.
+    phase = dataclasses.replace(
+        phase, span_start=time.time() + 5, span_seconds=phase.warmup + phase.duration
+    )
+    print(f"running {phase.label} ...", flush=True)
+    try:
+        return run_phase(phase, pgid)
+    except BenchError as exc:
+        raise BenchError(f"{exc}\nserver log (tail):\n{_tail(log)}") from None
+
+
+def server_log_check(log: Path) -> None:
+    if "Traceback" in log.read_text(errors="replace"):
+        raise BenchError(f"the server logged errors:\n{_tail(log)}")
 
 
 def run_raw_phases(args: argparse.Namespace, dsn: str, results: dict[str, Result]) -> None:

@@ -172,12 +172,21 @@ def _unnest_sql(shape: _Shape, suffix: str) -> str:
 
 
 def _unnest_insert(shape: _Shape, rows: Sequence[Row], suffix: str, returns: bool) -> list[Any]:
+    return _server_side(_unnest_sql(shape, suffix), _arrays(shape, rows), returns=returns)
+
+
+def _arrays(shape: _Shape, rows: Sequence[Row]) -> list[list[Any]]:
+    """Rows as one list per column (JSON columns encoded), for ``unnest``."""
     columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
     encode = msgspec.json.encode
     for i in shape.json:
         columns[i] = [None if v is None else encode(v).decode() for v in columns[i]]
-    # Server-side binding: the arrays travel as parameters (no quoting them into
-    # the SQL text), and the repeated statement gets prepared by psycopg.
+    return columns
+
+
+def _server_side(sql: str, params: list[Any], *, returns: bool) -> list[Any]:
+    """Execute with server-side binding: the arrays travel as parameters (no
+    quoting them into the SQL text), and the repeated statement gets prepared."""
     connection.ensure_connection()
     with connection.wrap_database_errors:
         raw_cursor = psycopg.Cursor(connection.connection)
@@ -188,7 +197,7 @@ def _unnest_insert(shape: _Shape, rows: Sequence[Row], suffix: str, returns: boo
         else connection.make_cursor(raw_cursor)  # type: ignore[arg-type]
     )
     with cursor:
-        cursor.execute(_unnest_sql(shape, suffix), columns)
+        cursor.execute(sql, params)
         return list(cursor.fetchall()) if returns else []
 
 
@@ -245,3 +254,46 @@ def upsert(
 def append(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]) -> None:
     """Append rows to an insert-only table."""
     _insert(model, columns, rows, "")
+
+
+def update_rows(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]) -> None:
+    """UPDATE existing rows by primary key: ``columns[0]`` is ``"id"``, each row its values.
+
+    One ``UPDATE ... FROM unnest(...)`` on PostgreSQL (Django's ``bulk_update``
+    builds a CASE per column and row, costly past a few hundred rows).
+    """
+    if not rows:
+        return
+    assert columns[0] == "id"
+    shape = _shape(model, tuple(columns))
+    if not _is_pg():
+        with connection.cursor() as cursor:
+            sets = ", ".join(f"{_column(f)} = %s" for f in shape.fields[1:])
+            encode = msgspec.json.encode
+            cursor.executemany(
+                f"UPDATE {shape.table} SET {sets} WHERE id = %s",  # noqa: S608
+                [
+                    [
+                        encode(v).decode() if i in shape.json and v is not None else v
+                        for i, v in enumerate(row)
+                        if i
+                    ]
+                    + [row[0]]
+                    for row in rows
+                ],
+            )
+        return
+    _server_side(_update_sql(shape), _arrays(shape, rows), returns=False)
+
+
+@functools.cache
+def _update_sql(shape: _Shape) -> str:
+    aliases = [f"c{i}" for i in range(len(shape.fields))]
+    sets = ", ".join(
+        f"{_column(f)} = u.{a}" for f, a in zip(shape.fields[1:], aliases[1:], strict=True)
+    )
+    return (
+        f"UPDATE {shape.table} AS t SET {sets} FROM unnest("  # noqa: S608
+        + ", ".join(f"%s::{t}[]" for t in shape.array_types)
+        + f") AS u({', '.join(aliases)}) WHERE t.id = u.c0"
+    )

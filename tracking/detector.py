@@ -27,6 +27,7 @@ from django.db import DatabaseError, connection, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from tracking.bulk import update_rows
 from tracking.detection import Facts, Finding, evaluate, next_check
 from tracking.incidents import Alerts, incident_close
 from tracking.live import notify_sagas_changed
@@ -169,7 +170,11 @@ def _batch(
         Incident.objects.bulk_update(
             closed, ["status", "resolved_at", "resolved_by", "resolution", "resolution_note"]
         )
-    Saga.objects.bulk_update(changed, ["open_incidents", "watch_at", "version"])
+    update_rows(
+        Saga,
+        ["id", "open_incidents", "watch_at", "version"],
+        [(s.pk, s.open_incidents, s.watch_at, s.version) for s in changed],
+    )
     for incident in new:
         alerts.send(incident, "opened", now)
     for incident in closed:

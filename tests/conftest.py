@@ -161,3 +161,17 @@ def database_away() -> Iterator[None]:
             connection.close_pool()
         settings_dict.clear()
         settings_dict.update(saved)
+
+
+@pytest.fixture
+def test_sagas() -> Iterator[Any]:
+    """The orchestrator's test saga types (tests/orchestrator/sagas.py), every action
+    succeeding unless a test scripts its outcomes."""
+    from tests.orchestrator import sagas
+
+    sagas.CALLS.clear()
+    sagas.SCRIPT.clear()
+    sagas.PLAN.clear()
+    yield sagas
+    sagas.SCRIPT.clear()
+    sagas.PLAN.clear()

@@ -27,6 +27,7 @@ from django.db import DatabaseError, connection, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from tracking.actions import actions_overdue_mark
 from tracking.bulk import update_rows
 from tracking.detection import Facts, Finding, evaluate, next_check
 from tracking.incidents import Alerts, incident_close
@@ -49,6 +50,7 @@ class PassResult:
     opened: int = 0
     resolved: int = 0
     summaries: int = 0
+    actions_timed_out: int = 0  # operator actions whose command got no answer in time
     seconds: float = 0.0
 
     def __str__(self) -> str:
@@ -59,6 +61,11 @@ class PassResult:
             f"opened {self.opened}, resolved {self.resolved} incidents"
             + (f", {self.skipped} busy (next pass)" if self.skipped else "")
             + (f", {self.summaries} alert summaries" if self.summaries else "")
+            + (
+                f", {self.actions_timed_out} operator actions timed out"
+                if self.actions_timed_out
+                else ""
+            )
         )
 
 
@@ -111,6 +118,7 @@ def detect_pass(
                 )
         with transaction.atomic():
             result.summaries = alerts.flush(now)
+        result.actions_timed_out = actions_overdue_mark(now=now)
     result.seconds = time.perf_counter() - started
     return result
 

@@ -141,20 +141,19 @@ def events_ingest(
             changed = _store_and_project(service, valid, received_at, results)
             if changed:
                 transaction.on_commit(lambda: service_touch(service=service, at=received_at))
-            replies = [
+            answers = [
                 v.event
                 for v in valid
-                if v.event.type in REPLY_EVENT_TYPES
-                and v.event.attributes.get("command_id")
-                and results[v.index].status == ACCEPTED
+                if v.event.attributes.get("command_id") and results[v.index].status == ACCEPTED
             ]
-            if replies:
-                transaction.on_commit(lambda: command_replies_forward(replies))
+            if answers:
+                transaction.on_commit(lambda: command_answers_forward(answers))
     return IngestResult([results[i] for i in range(len(raws))], changed)
 
 
-# A service may answer an orchestrator command by reporting its outcome with
-# ``attributes.command_id`` instead of a reply message (docs/orchestrator.md).
+# A service answers a command (an orchestrator step's, or an operator action's)
+# by reporting events with ``attributes.command_id`` (docs/orchestrator.md,
+# docs/operations.md). These outcomes complete an orchestrator step:
 REPLY_EVENT_TYPES = frozenset(
     {
         "step.succeeded",
@@ -166,16 +165,18 @@ REPLY_EVENT_TYPES = frozenset(
 )
 
 
-def command_replies_forward(events: list[EventV1]) -> None:
-    """After commit (never inside ingest's locks): hand command outcomes to the orchestrator."""
+def command_answers_forward(events: list[EventV1]) -> None:
+    """After commit (never inside ingest's locks): hand command outcomes to the orchestrator
+    and to the operator actions waiting for them."""
     from orchestrator.engine import step_reply
+    from tracking.actions import action_progress
 
     for e in events:
-        step_reply(
-            command_id=str(e.attributes["command_id"]),
-            ok=e.type.endswith(".succeeded"),
-            error=msgspec.to_builtins(e.error) if e.error is not None else None,
-        )
+        command_id = str(e.attributes["command_id"])
+        error = msgspec.to_builtins(e.error) if e.error is not None else None
+        if e.type in REPLY_EVENT_TYPES:
+            step_reply(command_id=command_id, ok=e.type.endswith(".succeeded"), error=error)
+        action_progress(command_id=command_id, event_type=e.type, error=error)
 
 
 @dataclass(frozen=True, slots=True)

@@ -449,3 +449,78 @@ class AlertWindow(models.Model):
 
     def __str__(self) -> str:
         return f"{self.saga_type}/{self.kind}"
+
+
+class ActionStatus(models.TextChoices):
+    REQUESTED = "requested"
+    DISPATCHED = "dispatched"  # the command is in the outbox (external sagas)
+    ACKNOWLEDGED = "acknowledged"  # the service reported an event naming the command
+    DONE = "done"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"  # no answer within ACTION_TIMEOUT_SECONDS
+    REFUSED = "refused"  # forbidden, stale version or not allowed in the saga's state
+
+
+class OperatorAction(models.Model):
+    """One operator action on one saga and its progress (tracking/actions.py).
+
+    ``request_id`` is the client's: resubmitting it returns ``response``, the
+    first answer, and dispatches nothing again.
+    """
+
+    request_id = models.CharField(max_length=100, null=True, blank=True, unique=True)
+    action = models.CharField(max_length=32)
+    saga_id = models.CharField(max_length=200, db_index=True)
+    step = models.CharField(max_length=100, blank=True)
+    actor = models.CharField(max_length=150)
+    reason = models.TextField()
+    data = models.JSONField(null=True, blank=True)  # rerun with edited data
+    status = models.CharField(max_length=16, choices=ActionStatus.choices)
+    orchestrated = models.BooleanField(default=False)
+    command_id = models.CharField(max_length=64, blank=True, db_index=True)
+    service = models.CharField(max_length=100, blank=True)
+    response = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    deadline = models.DateTimeField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["deadline"],
+                condition=models.Q(status__in=["dispatched", "acknowledged"]),
+                name="action_waiting_idx",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.saga_id} ({self.status})"
+
+
+class AuditEntry(models.Model):
+    """Append-only: who did what to which saga, why, and what came of it.
+
+    On PostgreSQL a trigger refuses UPDATE and DELETE (migration 0013).
+    """
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.CharField(max_length=150)
+    role = models.CharField(max_length=16, blank=True)
+    action = models.CharField(max_length=32)
+    saga_id = models.CharField(max_length=200, db_index=True)
+    step = models.CharField(max_length=100, blank=True)
+    reason = models.TextField(blank=True)
+    # done, dispatched, forbidden, conflict, refused, ...
+    outcome = models.CharField(max_length=16)
+    detail = models.TextField(blank=True)
+    state_before = models.JSONField(null=True, blank=True)
+    state_after = models.JSONField(null=True, blank=True)
+    operator_action = models.ForeignKey(
+        OperatorAction, null=True, blank=True, on_delete=models.PROTECT, related_name="audit"
+    )
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.saga_id}"

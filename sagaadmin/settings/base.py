@@ -244,6 +244,8 @@ SAGAADMIN = {
     # rest fold into one summary message when the window ends.
     "ALERT_BURST": env.int("SAGAADMIN_ALERT_BURST", default=10),
     "ALERT_WINDOW_SECONDS": env.int("SAGAADMIN_ALERT_WINDOW_SECONDS", default=300),
+    # An operator action's command with no answer from its service after this: timed_out.
+    "ACTION_TIMEOUT_SECONDS": env.int("SAGAADMIN_ACTION_TIMEOUT_SECONDS", default=300),
 }
 
 LOGGING = {

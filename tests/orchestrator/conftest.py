@@ -1,17 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-
-from tests.orchestrator import sagas
 
 
 @pytest.fixture(autouse=True)
-def _script() -> Iterator[None]:
-    sagas.CALLS.clear()
-    sagas.SCRIPT.clear()
-    sagas.PLAN.clear()
-    yield
-    sagas.SCRIPT.clear()
-    sagas.PLAN.clear()
+def _script(test_sagas: object) -> None:
+    """Every orchestrator test starts with fresh scripts (see tests/conftest.py)."""

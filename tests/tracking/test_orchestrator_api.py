@@ -7,7 +7,6 @@ answers through ``step_reply`` as the reply consumer would give them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,14 +25,8 @@ DOWN = {"type": "ServiceUnavailable", "message": "503 from payment", "retryable"
 
 
 @pytest.fixture(autouse=True)
-def _script() -> Iterator[None]:
+def _script(test_sagas: object) -> None:
     """Every action succeeds unless a test scripts its outcomes."""
-    sagas.CALLS.clear()
-    sagas.SCRIPT.clear()
-    sagas.PLAN.clear()
-    yield
-    sagas.SCRIPT.clear()
-    sagas.PLAN.clear()
 
 
 @pytest.fixture

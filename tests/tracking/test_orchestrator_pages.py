@@ -7,7 +7,6 @@ Saga types from tests/orchestrator/sagas.py; a real worker runs them (``Worker()
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -25,14 +24,8 @@ DASH = "\u2013"  # what the pages show for "none"
 
 
 @pytest.fixture(autouse=True)
-def _script() -> Iterator[None]:
+def _script(test_sagas: object) -> None:
     """Every action succeeds unless a test scripts its outcomes."""
-    sagas.CALLS.clear()
-    sagas.SCRIPT.clear()
-    sagas.PLAN.clear()
-    yield
-    sagas.SCRIPT.clear()
-    sagas.PLAN.clear()
 
 
 @pytest.fixture

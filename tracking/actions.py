@@ -528,3 +528,43 @@ def actions_overdue_mark(*, now: datetime | None = None) -> int:
         status__in=[ActionStatus.DISPATCHED, ActionStatus.ACKNOWLEDGED],
         deadline__lt=now or timezone.now(),
     ).update(status=ActionStatus.TIMED_OUT, finished_at=now or timezone.now())
+
+
+@dataclass(frozen=True, slots=True)
+class Availability:
+    """Whether ``user`` may run an action on a saga now, and why not (for buttons)."""
+
+    name: str
+    label: str
+    allowed: bool
+    reason: str = ""  # why not, when not allowed
+    needs_step: bool = False
+    step: str = ""  # the step it would act on
+
+
+def actions_available(*, saga_id: str, user: Any) -> list[Availability]:
+    """Every action with its verdict for this saga and user (no locks, nothing written)."""
+    saga = Saga.objects.filter(saga_id=saga_id, event_count__gt=0).first()
+    if saga is None:
+        return []
+    target = Target(
+        saga,
+        SagaRun.objects.filter(saga_id=saga_id).first(),
+        {s.name: s for s in Step.objects.filter(saga=saga)},
+    )
+    out = []
+    for action in ACTIONS.values():
+        inp = ActionInput(action.name, saga_id, user, "-", saga.version)
+        why = ""
+        if not user.has_perm(action.permission):
+            why = f"your role may not {action.label.lower()}"
+        else:
+            try:
+                action.check(target, inp)
+            except ActionError as exc:
+                why = exc.message
+        step = ""
+        if action.needs_step and not why:
+            step = action.step_of(target, inp)
+        out.append(Availability(action.name, action.label, not why, why, action.needs_step, step))
+    return out

@@ -524,3 +524,50 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.saga_id}"
+
+
+class BulkJob(models.Model):
+    """One action over the sagas a list filter matched (tracking/bulk_actions.py).
+
+    The matching saga ids are fixed when the job starts (``BulkItem`` rows); the
+    worker dispatches them at ``rate`` per second; it can be cancelled.
+    """
+
+    action = models.CharField(max_length=32)
+    filters = models.JSONField(default=dict)  # the saga list's query parameters
+    reason = models.TextField()
+    actor = models.CharField(max_length=150)
+    # running, cancelled, done
+    status = models.CharField(max_length=12, default="running")
+    rate = models.FloatField(default=20.0)
+    total = models.PositiveIntegerField(default=0)
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"bulk {self.action} #{self.pk} ({self.status})"
+
+    @property
+    def processed(self) -> int:
+        return self.succeeded + self.failed
+
+
+class BulkItem(models.Model):
+    job = models.ForeignKey(BulkJob, on_delete=models.CASCADE, related_name="items")
+    saga_id = models.CharField(max_length=200)
+    # pending, done (the action was accepted), failed (refused: see result), cancelled
+    status = models.CharField(max_length=12, default="pending")
+    result = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "saga_id"], name="bulk_item_unique")]
+        indexes = [
+            models.Index(
+                fields=["job", "id"], condition=models.Q(status="pending"), name="bulk_pending_idx"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}:{self.saga_id} {self.status}"

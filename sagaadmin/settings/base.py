@@ -246,6 +246,9 @@ SAGAADMIN = {
     "ALERT_WINDOW_SECONDS": env.int("SAGAADMIN_ALERT_WINDOW_SECONDS", default=300),
     # An operator action's command with no answer from its service after this: timed_out.
     "ACTION_TIMEOUT_SECONDS": env.int("SAGAADMIN_ACTION_TIMEOUT_SECONDS", default=300),
+    # Bulk actions: the most sagas one job may cover, and how fast it dispatches.
+    "BULK_MAX_SAGAS": env.int("SAGAADMIN_BULK_MAX_SAGAS", default=10_000),
+    "BULK_RATE_PER_SECOND": env.float("SAGAADMIN_BULK_RATE_PER_SECOND", default=20.0),
 }
 
 LOGGING = {

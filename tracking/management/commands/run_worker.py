@@ -5,7 +5,8 @@ It lives in ``tracking`` because it serves both apps (outbox never imports track
 Loops: the relay (publishing, woken by NOTIFY) in a thread; the detector
 (tracking/detector.py) in a thread, a pass every ``DETECT_INTERVAL_SECONDS``
 (one active detector across all workers); orchestrator workers
-(orchestrator/worker.py) in a thread; housekeeping every
+(orchestrator/worker.py) and bulk operator actions (tracking/bulk_actions.py) in
+threads; housekeeping every
 ``--housekeeping-seconds``: delete published messages past
 ``OUTBOX_RETENTION_DAYS`` and compact the overview rollups. SIGTERM or SIGINT
 stops both after the work in hand.
@@ -28,6 +29,7 @@ from orchestrator.worker import worker_run
 from outbox.maintenance import published_delete
 from outbox.relay import Relay
 from outbox.transports import transport_from_url
+from tracking.bulk_actions import bulk_loop
 from tracking.detector import detect_loop
 from tracking.rollups import rollup_compact
 
@@ -53,6 +55,8 @@ class Command(BaseCommand):
         orchestrator.start()
         replies = threading.Thread(target=self._replies, args=(stop,), name="replies")
         replies.start()
+        bulk = threading.Thread(target=self._bulk, args=(stop,), name="bulk-actions")
+        bulk.start()
         self.stdout.write(
             f"worker: relay to {settings.BROKER_URL.split('@')[-1]}, detector, orchestrator, "
             "SIGTERM stops"
@@ -67,6 +71,7 @@ class Command(BaseCommand):
             detector.join()
             orchestrator.join()
             replies.join()
+            bulk.join()
             transport.close()
             self.stdout.write("worker: stopped")
 
@@ -91,6 +96,12 @@ class Command(BaseCommand):
             replies_consume(stop)
         except Exception:  # the broker may be away: the rest of the worker goes on
             log.exception("worker: the reply consumer stopped; remote steps will time out")
+        finally:
+            connections.close_all()
+
+    def _bulk(self, stop: threading.Event) -> None:
+        try:
+            bulk_loop(stop)
         finally:
             connections.close_all()
 

@@ -406,8 +406,13 @@ def _run(action: Action, inp: ActionInput, reason: str) -> dict[str, Any]:
                 )
             action.check(target, inp)
             record.step = action.step_of(target, inp)
-            with transaction.atomic():  # a refusal inside the dispatch rolls it back alone
-                action.execute(target, inp, record)
+            if action.name in _two_person() or (
+                action.name == "rerun" and inp.data is not None and "rerun_data" in _two_person()
+            ):
+                record.status = ActionStatus.AWAITING_APPROVAL  # dispatched on approval
+            else:
+                with transaction.atomic():  # a refusal inside the dispatch rolls it back alone
+                    action.execute(target, inp, record)
         except ActionError as exc:
             refusal = exc
         if refusal is None:
@@ -439,6 +444,73 @@ def _run(action: Action, inp: ActionInput, reason: str) -> dict[str, Any]:
         outcome = {403: "forbidden", 409: "conflict"}.get(refusal.status, "refused")
         _audit(inp, action, record, before, before, outcome=outcome, detail=refusal.message)
     raise refusal
+
+
+def _two_person() -> list[str]:
+    return list(settings.SAGAADMIN["TWO_PERSON_ACTIONS"])
+
+
+def action_approve(*, action_id: int, user: Any) -> dict[str, Any]:
+    """The two-person rule: a second operator approves a waiting action; it is dispatched now.
+
+    The state is checked again (not the version: the saga may have moved while it
+    waited, and the approver sees it as it is now).
+    """
+    with transaction.atomic():
+        record = _waiting(action_id)
+        action = ACTIONS[record.action]
+        if record.actor == _name(user):
+            raise ActionError(403, "approver", "a second person must approve, not the requester")
+        if not user.has_perm(action.permission):
+            raise ActionError(403, "role", f"your role may not {action.label.lower()}")
+        target = _lock(record.saga_id)
+        before = target.state()
+        inp = ActionInput(
+            action=record.action,
+            saga_id=record.saga_id,
+            actor=user,
+            reason=record.reason,
+            expected_version=None,
+            step=record.step,
+            data=record.data,
+        )
+        action.check(target, inp)
+        action.execute(target, inp, record)
+        record.approved_by = _name(user)
+        version = _bump(target.saga)
+        record.response = {**record.response, "status": record.status, "version": version}
+        record.response["command_id"] = record.command_id
+        record.response["orchestrated"] = record.orchestrated
+        record.save()
+        _audit(inp, action, record, before, _lock_state(record.saga_id), outcome="approved")
+        return record.response
+
+
+def action_reject(*, action_id: int, user: Any, note: str = "") -> dict[str, Any]:
+    """A second operator turns a waiting action down; nothing is dispatched."""
+    with transaction.atomic():
+        record = _waiting(action_id)
+        action = ACTIONS[record.action]
+        if not user.has_perm(action.permission):
+            raise ActionError(403, "role", f"your role may not {action.label.lower()}")
+        record.status = ActionStatus.REJECTED
+        record.finished_at = timezone.now()
+        record.approved_by = _name(user)
+        record.response = {**record.response, "status": record.status}
+        record.save()
+        state = _lock_state(record.saga_id)
+        inp = ActionInput(record.action, record.saga_id, user, note or record.reason, None)
+        _audit(inp, action, record, state, state, outcome="rejected", detail=note)
+        return record.response
+
+
+def _waiting(action_id: int) -> OperatorAction:
+    record = OperatorAction.objects.select_for_update().filter(pk=action_id).first()
+    if record is None:
+        raise ActionError(404, "action_id", f"no action {action_id}")
+    if record.status != ActionStatus.AWAITING_APPROVAL:
+        raise ActionError(409, "status", f"the action is {record.status}, not awaiting approval")
+    return record
 
 
 def _lock(saga_id: str) -> Target:

@@ -87,8 +87,10 @@ def bulk_start(
             f"the filter matches {len(ids)} sagas now, not {expected_count}: preview again",
             current_count=len(ids),
         )
+    above = settings.SAGAADMIN["TWO_PERSON_BULK_ABOVE"]
     with transaction.atomic():
         job = BulkJob.objects.create(
+            status="awaiting_approval" if above and len(ids) > above else "running",
             action=action,
             filters=filters,
             reason=reason,
@@ -100,13 +102,29 @@ def bulk_start(
     return job
 
 
+def bulk_approve(*, job_id: int, user: Any) -> BulkJob:
+    """The two-person rule for big jobs: a second operator lets it run."""
+    with transaction.atomic():
+        job = BulkJob.objects.select_for_update().get(pk=job_id)
+        if job.status != "awaiting_approval":
+            raise ActionError(409, "status", f"the job is {job.status}, not awaiting approval")
+        if job.actor == user.get_username():
+            raise ActionError(403, "approver", "a second person must approve, not the requester")
+        if not user.has_perm(ACTIONS[job.action].permission):
+            raise ActionError(403, "role", "your role may not run this job")
+        job.status = "running"
+        job.approved_by = user.get_username()
+        job.save(update_fields=["status", "approved_by"])
+    return job
+
+
 def bulk_cancel(*, job_id: int, user: Any) -> BulkJob:
     """Stop a running job: items not dispatched yet are marked cancelled."""
     with transaction.atomic():
         job = BulkJob.objects.select_for_update().get(pk=job_id)
         if not user.has_perm(ACTIONS[job.action].permission):
             raise ActionError(403, "role", "your role may not cancel this job")
-        if job.status != "running":
+        if job.status not in ("running", "awaiting_approval"):
             raise ActionError(409, "status", f"the job is {job.status} already")
         job.items.filter(status="pending").update(status="cancelled")
         job.status = "cancelled"

@@ -459,6 +459,8 @@ class ActionStatus(models.TextChoices):
     FAILED = "failed"
     TIMED_OUT = "timed_out"  # no answer within ACTION_TIMEOUT_SECONDS
     REFUSED = "refused"  # forbidden, stale version or not allowed in the saga's state
+    AWAITING_APPROVAL = "awaiting_approval"  # the two-person rule: a second operator approves
+    REJECTED = "rejected"  # ... or rejects it
 
 
 class OperatorAction(models.Model):
@@ -475,7 +477,8 @@ class OperatorAction(models.Model):
     actor = models.CharField(max_length=150)
     reason = models.TextField()
     data = models.JSONField(null=True, blank=True)  # rerun with edited data
-    status = models.CharField(max_length=16, choices=ActionStatus.choices)
+    status = models.CharField(max_length=20, choices=ActionStatus.choices)
+    approved_by = models.CharField(max_length=150, blank=True)
     orchestrated = models.BooleanField(default=False)
     command_id = models.CharField(max_length=64, blank=True, db_index=True)
     service = models.CharField(max_length=100, blank=True)
@@ -514,7 +517,7 @@ class AuditEntry(models.Model):
     step = models.CharField(max_length=100, blank=True)
     reason = models.TextField(blank=True)
     # done, dispatched, forbidden, conflict, refused, ...
-    outcome = models.CharField(max_length=16)
+    outcome = models.CharField(max_length=20)
     detail = models.TextField(blank=True)
     state_before = models.JSONField(null=True, blank=True)
     state_after = models.JSONField(null=True, blank=True)
@@ -537,8 +540,9 @@ class BulkJob(models.Model):
     filters = models.JSONField(default=dict)  # the saga list's query parameters
     reason = models.TextField()
     actor = models.CharField(max_length=150)
-    # running, cancelled, done
-    status = models.CharField(max_length=12, default="running")
+    # awaiting_approval (the two-person rule), running, cancelled, done
+    status = models.CharField(max_length=20, default="running")
+    approved_by = models.CharField(max_length=150, blank=True)
     rate = models.FloatField(default=20.0)
     total = models.PositiveIntegerField(default=0)
     succeeded = models.PositiveIntegerField(default=0)

@@ -249,6 +249,11 @@ SAGAADMIN = {
     # Bulk actions: the most sagas one job may cover, and how fast it dispatches.
     "BULK_MAX_SAGAS": env.int("SAGAADMIN_BULK_MAX_SAGAS", default=10_000),
     "BULK_RATE_PER_SECOND": env.float("SAGAADMIN_BULK_RATE_PER_SECOND", default=20.0),
+    # The two-person rule (docs/operations.md): these actions wait for a second
+    # operator's approval (e.g. "terminate,skip_step,rerun_data"; "rerun_data" =
+    # a rerun with edited data), and so do bulk jobs over more than N sagas (0: never).
+    "TWO_PERSON_ACTIONS": env.list("SAGAADMIN_TWO_PERSON_ACTIONS", default=[]),
+    "TWO_PERSON_BULK_ABOVE": env.int("SAGAADMIN_TWO_PERSON_BULK_ABOVE", default=0),
 }
 
 LOGGING = {

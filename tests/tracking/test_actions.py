@@ -246,3 +246,38 @@ def test_the_audit_log_cannot_be_changed_on_postgresql(postgres: None) -> None:
             attempt()
     assert AuditEntry.objects.get().reason == "customer called"
     assert connection.vendor == "postgresql"
+
+
+def test_the_two_person_rule_waits_for_a_second_operator(settings: Any) -> None:
+    from tracking.actions import action_approve, action_reject
+
+    settings.SAGAADMIN = {**settings.SAGAADMIN, "TWO_PERSON_ACTIONS": ["terminate"]}
+    saga = failed_external(ended=False)
+    requester, approver = user("admin"), user("admin")
+    answer = act("terminate", saga, requester)
+    assert answer["status"] == "awaiting_approval" and commands() == []
+    with pytest.raises(ActionError, match="a second person must approve") as caught:
+        action_approve(action_id=answer["id"], user=requester)
+    assert caught.value.status == 403
+    approved = action_approve(action_id=answer["id"], user=approver)
+    assert approved["status"] == "dispatched"
+    assert [c["action"] for c in commands()] == ["terminate"]
+    record = OperatorAction.objects.get()
+    assert record.approved_by == approver.username
+    assert [e.outcome for e in AuditEntry.objects.order_by("pk")] == [
+        "awaiting_approval",
+        "approved",
+    ]
+    with pytest.raises(ActionError, match="not awaiting approval"):
+        action_reject(action_id=answer["id"], user=approver)
+
+
+def test_a_rejected_action_dispatches_nothing(settings: Any) -> None:
+    from tracking.actions import action_reject
+
+    settings.SAGAADMIN = {**settings.SAGAADMIN, "TWO_PERSON_ACTIONS": ["skip_step"]}
+    saga = failed_external(ended=False)
+    answer = act("skip_step", saga, user("operator"))
+    rejected = action_reject(action_id=answer["id"], user=user("operator"), note="not this one")
+    assert rejected["status"] == "rejected" and commands() == []
+    assert AuditEntry.objects.order_by("pk").last().outcome == "rejected"

@@ -125,3 +125,23 @@ def test_the_count_confirmed_must_still_hold_and_a_viewer_may_not() -> None:
             user=get_user_model().objects.get(pk=viewer.pk),
         )
     assert BulkJob.objects.count() == 0
+
+
+def test_a_big_job_waits_for_a_second_operator(settings: Any) -> None:
+    from tracking.bulk_actions import bulk_approve
+
+    settings.SAGAADMIN = {**settings.SAGAADMIN, "TWO_PERSON_BULK_ABOVE": 2}
+    failed_sagas(3)
+    job = bulk_start(
+        action="compensate", filters={"saga_id": "bulk-"}, reason="outage", user=operator(), rate=0
+    )
+    assert job.status == "awaiting_approval"
+    assert bulk_work() == 0  # not before the approval
+    with pytest.raises(ActionError, match="a second person must approve"):
+        bulk_approve(job_id=job.pk, user=operator_again())
+    second = get_user_model().objects.create_user("otto", password="x")
+    second.groups.add(role_group("operator"))
+    bulk_approve(job_id=job.pk, user=get_user_model().objects.get(pk=second.pk))
+    assert bulk_work() == 3
+    job.refresh_from_db()
+    assert (job.status, job.succeeded, job.approved_by) == ("done", 3, "otto")

@@ -101,10 +101,16 @@ class Action:
     permission: ClassVar[str] = "tracking.act_on_saga"
     needs_step: ClassVar[bool] = False
     orchestrated_only: ClassVar[bool] = False
+    # The saga statuses it applies in (None: any), and the verb for the refusal.
+    statuses: ClassVar[tuple[str, ...] | None] = None
+    verb: ClassVar[str] = ""
 
     def check(self, target: Target, inp: ActionInput) -> None:
+        """Orchestrated-only, then the saga's status, then the step, then ``allowed()``."""
         if self.orchestrated_only and target.run is None:
             raise ActionError(409, "action", f"{self.name} is for orchestrated sagas only")
+        if self.statuses is not None:
+            _refuse(target.saga.status, self.statuses, self.verb)
         if self.needs_step:
             step = inp.step or target.saga.current_step or self._failed_step(target)
             if not step or step not in target.steps:
@@ -112,7 +118,7 @@ class Action:
         self.allowed(target, inp)
 
     def allowed(self, target: Target, inp: ActionInput) -> None:
-        """The state rule (docs/operations.md); raise ActionError(409, "status", ...)."""
+        """More of the state rule (docs/operations.md); raise ActionError(409, ...)."""
 
     @staticmethod
     def _failed_step(target: Target) -> str:
@@ -155,9 +161,9 @@ def _refuse(status: str, allowed: tuple[str, ...], what: str) -> None:
 
 class RetryStep(Action):
     name, label, needs_step = "retry_step", "Retry step", True
+    statuses, verb = (SagaStatus.RUNNING, SagaStatus.FAILED), "retry a step of"
 
     def allowed(self, target: Target, inp: ActionInput) -> None:
-        _refuse(target.saga.status, (SagaStatus.RUNNING, SagaStatus.FAILED), "retry a step of")
         step = target.steps[self.step_of(target, inp)]
         if target.run is None and step.status not in FAILED_STEP:
             raise ActionError(409, "step", f"step {step.name} is {step.status}, not failed")
@@ -168,9 +174,7 @@ class RetryStep(Action):
 
 class RetryCompensation(Action):
     name, label = "retry_compensation", "Retry compensation"
-
-    def allowed(self, target: Target, inp: ActionInput) -> None:
-        _refuse(target.saga.status, (SagaStatus.COMPENSATION_FAILED,), "retry the compensation of")
+    statuses, verb = (SagaStatus.COMPENSATION_FAILED,), "retry the compensation of"
 
     def hook(self, target: Target, inp: ActionInput) -> Callable[[], Any]:
         return lambda: hooks.run_retry_compensation(saga_id=target.saga.saga_id)
@@ -178,9 +182,7 @@ class RetryCompensation(Action):
 
 class Compensate(Action):
     name, label = "compensate", "Compensate"
-
-    def allowed(self, target: Target, inp: ActionInput) -> None:
-        _refuse(target.saga.status, (SagaStatus.RUNNING, SagaStatus.FAILED), "compensate")
+    statuses, verb = (SagaStatus.RUNNING, SagaStatus.FAILED), "compensate"
 
     def hook(self, target: Target, inp: ActionInput) -> Callable[[], Any]:
         return lambda: hooks.run_compensate(saga_id=target.saga.saga_id)
@@ -188,9 +190,7 @@ class Compensate(Action):
 
 class SkipStep(Action):
     name, label, needs_step = "skip_step", "Skip step", True
-
-    def allowed(self, target: Target, inp: ActionInput) -> None:
-        _refuse(target.saga.status, (SagaStatus.RUNNING, SagaStatus.FAILED), "skip a step of")
+    statuses, verb = (SagaStatus.RUNNING, SagaStatus.FAILED), "skip a step of"
 
     def hook(self, target: Target, inp: ActionInput) -> Callable[[], Any]:
         return lambda: hooks.run_skip_step(saga_id=target.saga.saga_id)
@@ -198,9 +198,7 @@ class SkipStep(Action):
 
 class Cancel(Action):
     name, label = "cancel", "Cancel"
-
-    def allowed(self, target: Target, inp: ActionInput) -> None:
-        _refuse(target.saga.status, (SagaStatus.RUNNING,), "cancel")
+    statuses, verb = (SagaStatus.RUNNING,), "cancel"
 
     def hook(self, target: Target, inp: ActionInput) -> Callable[[], Any]:
         return lambda: hooks.run_compensate(saga_id=target.saga.saga_id, cancel=True)
@@ -220,9 +218,11 @@ class Terminate(Action):
 
 class Pause(Action):
     name, label, orchestrated_only = "pause", "Pause", True
+    statuses, verb = (SagaStatus.RUNNING, SagaStatus.COMPENSATING), "pause"
 
     def allowed(self, target: Target, inp: ActionInput) -> None:
-        _refuse(target.saga.status, (SagaStatus.RUNNING, SagaStatus.COMPENSATING), "pause")
+        if target.run is not None and target.run.paused:
+            raise ActionError(409, "status", "the saga is paused already")
 
     def hook(self, target: Target, inp: ActionInput) -> Callable[[], Any]:
         return lambda: hooks.run_pause(saga_id=target.saga.saga_id)
@@ -230,6 +230,10 @@ class Pause(Action):
 
 class Resume(Action):
     name, label, orchestrated_only = "resume", "Resume", True
+
+    def allowed(self, target: Target, inp: ActionInput) -> None:
+        if target.run is not None and not target.run.paused:
+            raise ActionError(409, "status", "the saga is not paused")
 
     def hook(self, target: Target, inp: ActionInput) -> Callable[[], Any]:
         return lambda: hooks.run_resume(saga_id=target.saga.saga_id)
@@ -239,14 +243,12 @@ class Rerun(Action):
     """Rerun from a step, optionally with edited data (editing data needs an admin)."""
 
     name, label, needs_step, orchestrated_only = "rerun", "Rerun from step", True, True
+    statuses, verb = (SagaStatus.RUNNING,), "rerun"
 
     def check(self, target: Target, inp: ActionInput) -> None:
         if inp.data is not None and not inp.actor.has_perm("tracking.terminate_saga"):
             raise ActionError(403, "data", "only admins edit a saga's data")
         super().check(target, inp)
-
-    def allowed(self, target: Target, inp: ActionInput) -> None:
-        _refuse(target.saga.status, (SagaStatus.RUNNING,), "rerun")
 
     def hook(self, target: Target, inp: ActionInput) -> Callable[[], Any]:
         step = self.step_of(target, inp)

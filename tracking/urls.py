@@ -7,6 +7,12 @@ urlpatterns = [
     path("sagas/", views.saga_list_page, name="saga-list"),
     path("live/saga-rows", views.saga_rows_fragment, name="saga-rows"),
     re_path(r"^sagas/(?P<saga_id>.+)$", views.saga_detail_page, name="saga-detail"),
+    re_path(
+        r"^actions/(?P<action>[a-z_]{1,32})/(?P<saga_id>.+)$",
+        views.saga_action_view,
+        name="saga-action",
+    ),
+    path("audit/", views.audit_page, name="audit"),
     path("incidents/", views.incident_list_page, name="incidents"),
     path(
         "incidents/<int:incident_id>/acknowledge",

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import wraps
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.core.handlers.asgi import ASGIRequest
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
-from django.http import Http404, HttpRequest, HttpResponse, QueryDict
+from django.http import Http404, HttpRequest, HttpResponse, QueryDict, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
 from django.urls import Resolver404, resolve, reverse
 from django.utils import timezone
@@ -32,6 +38,14 @@ from orchestrator.engine import StartRefused
 from outbox.maintenance import dead_requeue, outbox_stats
 from outbox.models import OutboxMessage
 from outbox.models import Status as OutboxStatus
+from tracking.actions import (
+    ACTIONS,
+    REASON_MAX,
+    ActionError,
+    ActionInput,
+    actions_available,
+    saga_action_run,
+)
 from tracking.api.orchestrator import orchestrated_saga_start, run_state_get, runs_unfinished_list
 from tracking.fragments import (
     SAGA_ROW_FIELDS,
@@ -44,8 +58,10 @@ from tracking.fragments import (
 from tracking.incidents import NOTE_MAX, IncidentRefused, incident_acknowledge, incident_resolve
 from tracking.keys import service_key_create, service_key_revoke
 from tracking.models import (
+    AuditEntry,
     Incident,
     IncidentKind,
+    OperatorAction,
     SagaStatus,
     SagaType,
     Service,
@@ -80,7 +96,7 @@ from tracking.selectors import (
 )
 from tracking.timeline import saga_timeline_build
 
-View = Callable[..., HttpResponse]
+View = Callable[..., HttpResponseBase]
 SERVICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 # The saga list's flag filter: the projection's flags, then the kinds of open incidents
 # (the detector mirrors those in Saga.open_incidents; "anomaly" is a flag already).
@@ -94,7 +110,7 @@ def viewer_required(view: View) -> View:
 
     @login_required
     @wraps(view)
-    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if not can_view(request.user):
             raise PermissionDenied("Your account has no role yet: ask an admin to add you to one.")
         return view(request, *args, **kwargs)
@@ -231,6 +247,7 @@ def _saga_detail_context(
     timeline = saga_timeline_build(saga=saga, events=events, now=now)
     incidents = incident_list(state="all", saga_id=saga_id, limit=INCIDENTS_ON_DETAIL)
     back = saga_detail_url(saga_id) + (f"?{query.urlencode()}" if query else "")
+    run = run_state_get(saga_id=saga_id)
     return {
         "saga": saga,
         "incident_badges": incident_badges_html(saga.open_incidents),
@@ -243,7 +260,16 @@ def _saga_detail_context(
         "events_more": len(events) - len(shown),
         "timeline": timeline,
         "waterfall": waterfall_html(timeline),
-        "run": run_state_get(saga_id=saga_id),
+        "run": run,
+        "actions": _action_forms(request, saga, run, extra.get("action_refused")),
+        "operator_actions": OperatorAction.objects.filter(saga_id=saga_id).order_by("-pk")[
+            :ACTIONS_ON_DETAIL
+        ],
+        "audit_entries": AuditEntry.objects.filter(saga_id=saga_id).order_by("-at", "-pk")[
+            :ACTIONS_ON_DETAIL
+        ],
+        "actions_more": OperatorAction.objects.filter(saga_id=saga_id).count() > ACTIONS_ON_DETAIL,
+        "reason_max": REASON_MAX,
         "now": now,
         "nav": "sagas",
         **extra,
@@ -254,6 +280,317 @@ def _skew_ms() -> int:
     from django.conf import settings
 
     return int(settings.SAGAADMIN["CLOCK_SKEW_SECONDS"] * 1000)
+
+
+# -- operator actions on a saga's page -------------------------------------------
+
+# The detail page lists this many of the saga's operator actions and audit entries.
+ACTIONS_ON_DETAIL = 20
+# Fields the action dialog has: a refusal naming one shows at it, any other at the form's top.
+ACTION_FORM_FIELDS = ("reason", "step", "data")
+
+
+@dataclass(frozen=True, slots=True)
+class ActionForm:
+    """One action's button and dialog on a saga's page (from ``actions_available``)."""
+
+    name: str
+    label: str
+    allowed: bool
+    why_not: str
+    needs_step: bool
+    step: str  # prefilled (or what was typed, after a refusal)
+    edits_data: bool  # rerun: the data textarea
+    may_edit_data: bool  # admins only
+    data: str  # the textarea's text
+    request_id: str  # fresh per render: a double submit returns the first answer
+    reason: str  # what was typed, after a refusal
+    error_field: str  # after a refusal: the field it names ("" when another action's)
+    error: str
+    open: bool  # the dialog opens at load (a refusal of this action)
+
+    @property
+    def error_at_top(self) -> str:
+        """A refusal naming no field of the dialog (version, status, role, ...)."""
+        return self.error if self.error_field not in ACTION_FORM_FIELDS else ""
+
+
+def _action_forms(
+    request: HttpRequest, saga: Any, run: Any, refused: dict[str, Any] | None
+) -> list[ActionForm]:
+    may_edit_data = request.user.has_perm("tracking.terminate_saga")
+    run_data = json.dumps(run.data, indent=2, sort_keys=True) if run is not None else ""
+    forms = []
+    for a in actions_available(saga_id=saga.saga_id, user=request.user):
+        mine = refused is not None and refused["action"] == a.name
+        edits_data = a.name == "rerun"
+        forms.append(
+            ActionForm(
+                name=a.name,
+                label=a.label,
+                allowed=a.allowed,
+                why_not=a.reason,
+                needs_step=a.needs_step,
+                step=refused["step"] if mine and refused else a.step,
+                edits_data=edits_data,
+                may_edit_data=may_edit_data,
+                data=refused["data"] if mine and refused else (run_data if edits_data else ""),
+                request_id=uuid.uuid4().hex,
+                reason=refused["reason"] if mine and refused else "",
+                error_field=refused["field"] if mine and refused else "",
+                error=refused["message"] if mine and refused else "",
+                open=mine,
+            )
+        )
+    return forms
+
+
+@require_POST
+@viewer_required
+def saga_action_view(request: HttpRequest, saga_id: str, action: str) -> HttpResponse:
+    """Run an operator action from the saga's page, then back to it with a flash message.
+
+    The role, version and state checks are ``saga_action_run``'s (a viewer's POST is
+    refused and audited there). A refusal renders the saga's page again with the
+    dialog open and the message at the field it names, with the refusal's status.
+    """
+    posted = {
+        "action": action,
+        "reason": request.POST.get("reason", ""),
+        "step": request.POST.get("step", "").strip(),
+        "data": request.POST.get("data", ""),
+    }
+    try:
+        data = _action_data(saga_id, action, posted["data"])
+        version_text = request.POST.get("expected_version", "").strip()
+        try:
+            expected_version = int(version_text)
+        except ValueError:
+            raise ActionError(
+                400, "version", f"not a saga version: {version_text!r} (reload the page)"
+            ) from None
+        answer = saga_action_run(
+            ActionInput(
+                action=action,
+                saga_id=saga_id,
+                actor=request.user,
+                reason=posted["reason"],
+                expected_version=expected_version,
+                step=posted["step"],
+                data=data,
+                request_id=request.POST.get("request_id", "").strip() or None,
+            )
+        )
+    except ActionError as exc:
+        refused = {**posted, "field": exc.field, "message": exc.message}
+        refused["label"] = ACTIONS[action].label if action in ACTIONS else action
+        context = _saga_detail_context(request, saga_id, QueryDict(), action_refused=refused)
+        return _page(request, "tracking/saga_detail.html", context, status=exc.status)
+    label = ACTIONS[action].label
+    how = " by the orchestrator" if answer["orchestrated"] else ""
+    again = " (already submitted: this is the first answer)" if answer.get("resubmitted") else ""
+    messages.success(request, f"{label} on {saga_id}: {answer['status']}{how}.{again}")
+    return redirect(saga_detail_url(saga_id))
+
+
+def _action_data(saga_id: str, action: str, text: str) -> dict[str, Any] | None:
+    """Rerun's edited data: None when empty or unchanged (no edit, so no admin needed)."""
+    if action != "rerun" or not text.strip():
+        return None
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise ActionError(
+            400, "data", f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except ValueError as exc:
+        raise ActionError(400, "data", f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ActionError(400, "data", "the saga's data is a JSON object ({...})")
+    run = run_state_get(saga_id=saga_id)
+    if run is not None and data == run.data:
+        return None
+    return data
+
+
+# -- the audit log ----------------------------------------------------------------
+
+AUDIT_FILTERS = ("actor", "action", "saga_id", "outcome")
+AUDIT_PAGE = 50
+AUDIT_EXPORT_BATCH = 1000
+AUDIT_COLUMNS = (
+    "id",
+    "at",
+    "actor",
+    "role",
+    "action",
+    "saga_id",
+    "step",
+    "reason",
+    "outcome",
+    "detail",
+    "state_before",
+    "state_after",
+    "operator_action_id",
+)
+AUDIT_OUTCOMES = ("done", "dispatched", "forbidden", "conflict", "refused")
+
+
+def _audit_cursor(text: str) -> tuple[datetime, int]:
+    """``<at ISO>_<id>`` -> the keyset position (the last entry of the page before)."""
+    at, _, pk = text.rpartition("_")
+    try:
+        parsed = datetime.fromisoformat(at)
+        if parsed.tzinfo is None:
+            raise ValueError(at)
+        return parsed, int(pk)
+    except ValueError:
+        raise InvalidFilter(
+            "cursor", "not a page of this list: start from the first page"
+        ) from None
+
+
+def _audit_query(params: dict[str, str]) -> Any:
+    """Entries matching the filters, newest first (``at``, then ``id`` for ties)."""
+    entries = AuditEntry.objects.all()
+    for name in AUDIT_FILTERS:
+        if params.get(name):
+            entries = entries.filter(**{name: params[name]})
+    return entries.order_by("-at", "-pk")
+
+
+def _after(entries: Any, position: tuple[datetime, int] | None) -> Any:
+    if position is None:
+        return entries
+    at, pk = position
+    return entries.filter(Q(at__lt=at) | Q(at=at, pk__lt=pk))
+
+
+@require_GET
+@viewer_required
+def audit_page(request: HttpRequest) -> HttpResponseBase:
+    """The audit log, newest first, filtered in the URL; ``?format=csv|jsonl`` exports it all."""
+    params = {name: request.GET.get(name, "").strip() for name in AUDIT_FILTERS}
+    export = request.GET.get("format", "")
+    if export in ("csv", "jsonl"):
+        return _audit_export(request, params, export)
+    error = None
+    entries: list[AuditEntry] = []
+    next_query = None
+    try:
+        if export:
+            raise InvalidFilter("format", "csv or jsonl (or none for this page)")
+        cursor = request.GET.get("cursor", "")
+        position = _audit_cursor(cursor) if cursor else None
+        entries = list(_after(_audit_query(params), position)[: AUDIT_PAGE + 1])
+    except InvalidFilter as exc:
+        error = exc
+    if len(entries) > AUDIT_PAGE:
+        entries = entries[:AUDIT_PAGE]
+        last = entries[-1]
+        copy = request.GET.copy()
+        copy["cursor"] = f"{last.at.isoformat()}_{last.pk}"
+        next_query = copy.urlencode()
+    filtered = {k: v for k, v in params.items() if v}
+    export_query = QueryDict(mutable=True)
+    export_query.update(filtered)
+    context = {
+        "entries": entries,
+        "q": params,
+        "error": error,
+        "filtered": bool(filtered),
+        "next_query": next_query,
+        "is_first_page": not request.GET.get("cursor"),
+        "first_query": _without(request.GET, "cursor"),
+        "export_query": export_query.urlencode(),
+        "actions": list(ACTIONS),
+        "outcomes": AUDIT_OUTCOMES,
+        "now": timezone.now(),
+        "nav": "audit",
+    }
+    return _page(request, "tracking/audit.html", context, status=400 if error else 200)
+
+
+def _audit_export(request: HttpRequest, params: dict[str, str], kind: str) -> StreamingHttpResponse:
+    """Every entry matching the filters, streamed in keyset batches (newest first).
+
+    Entries written while the export runs are left out (it stops at the newest id
+    it saw first). Under ASGI the rows come from an async iterator, so the server
+    streams them instead of collecting the whole file first.
+    """
+    entries = _audit_query(params)
+    top = entries.values_list("pk", flat=True).first()
+    entries = entries.filter(pk__lte=top or 0)
+    encode = _csv_line if kind == "csv" else _jsonl_line
+
+    def batch(position: tuple[datetime, int] | None) -> list[AuditEntry]:
+        return list(_after(entries, position)[:AUDIT_EXPORT_BATCH])
+
+    def lines() -> Iterator[str]:
+        if kind == "csv":
+            yield _csv_row(AUDIT_COLUMNS)
+        position = None
+        while rows := batch(position):
+            yield "".join(encode(e) for e in rows)
+            position = (rows[-1].at, rows[-1].pk)
+
+    async def alines() -> AsyncIterator[str]:
+        if kind == "csv":
+            yield _csv_row(AUDIT_COLUMNS)
+        position = None
+        while rows := await sync_to_async(batch)(position):
+            yield "".join(encode(e) for e in rows)
+            position = (rows[-1].at, rows[-1].pk)
+
+    content: Any = alines() if isinstance(request, ASGIRequest) else lines()
+    content_type = "text/csv; charset=utf-8" if kind == "csv" else "application/jsonl"
+    response = StreamingHttpResponse(content, content_type=content_type)
+    stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
+    response["Content-Disposition"] = f'attachment; filename="audit-{stamp}.{kind}"'
+    return response
+
+
+def _audit_dict(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "id": entry.pk,
+        "at": entry.at.isoformat(),
+        "actor": entry.actor,
+        "role": entry.role,
+        "action": entry.action,
+        "saga_id": entry.saga_id,
+        "step": entry.step,
+        "reason": entry.reason,
+        "outcome": entry.outcome,
+        "detail": entry.detail,
+        "state_before": entry.state_before,
+        "state_after": entry.state_after,
+        "operator_action_id": entry.operator_action_id,
+    }
+
+
+def _jsonl_line(entry: AuditEntry) -> str:
+    return json.dumps(_audit_dict(entry), sort_keys=False, ensure_ascii=False) + "\n"
+
+
+def _csv_cell(value: Any) -> str:
+    """Text for a spreadsheet: JSON for the states; a leading ' keeps a formula a text."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if isinstance(value, str) and text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + text
+    return text
+
+
+def _csv_row(values: Any) -> str:
+    out = io.StringIO()
+    csv.writer(out).writerow(values)
+    return out.getvalue()
+
+
+def _csv_line(entry: AuditEntry) -> str:
+    row = _audit_dict(entry)
+    return _csv_row([_csv_cell(row[name]) for name in AUDIT_COLUMNS])
 
 
 @require_GET

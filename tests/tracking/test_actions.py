@@ -281,3 +281,18 @@ def test_a_rejected_action_dispatches_nothing(settings: Any) -> None:
     rejected = action_reject(action_id=answer["id"], user=user("operator"), note="not this one")
     assert rejected["status"] == "rejected" and commands() == []
     assert AuditEntry.objects.order_by("pk").last().outcome == "rejected"
+
+
+def test_a_finished_saga_is_refused_for_its_state_before_its_step() -> None:
+    report(
+        "done-1",
+        {"type": "saga.started", "saga_type": "order"},
+        {"type": "step.started", "step": "charge"},
+        {"type": "step.succeeded", "step": "charge"},
+        {"type": "saga.completed"},
+    )
+    saga = Saga.objects.get(saga_id="done-1")
+    for action in ("retry_step", "skip_step"):
+        with pytest.raises(ActionError, match="a saga that is completed") as caught:
+            act(action, saga, user("operator"))
+        assert caught.value.field == "status"

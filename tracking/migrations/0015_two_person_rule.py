@@ -4,35 +4,47 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('tracking', '0014_bulk_jobs'),
+        ("tracking", "0014_bulk_jobs"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='bulkjob',
-            name='approved_by',
+            model_name="bulkjob",
+            name="approved_by",
             field=models.CharField(blank=True, max_length=150),
         ),
         migrations.AddField(
-            model_name='operatoraction',
-            name='approved_by',
+            model_name="operatoraction",
+            name="approved_by",
             field=models.CharField(blank=True, max_length=150),
         ),
         migrations.AlterField(
-            model_name='auditentry',
-            name='outcome',
+            model_name="auditentry",
+            name="outcome",
             field=models.CharField(max_length=20),
         ),
         migrations.AlterField(
-            model_name='bulkjob',
-            name='status',
-            field=models.CharField(default='running', max_length=20),
+            model_name="bulkjob",
+            name="status",
+            field=models.CharField(default="running", max_length=20),
         ),
         migrations.AlterField(
-            model_name='operatoraction',
-            name='status',
-            field=models.CharField(choices=[('requested', 'Requested'), ('dispatched', 'Dispatched'), ('acknowledged', 'Acknowledged'), ('done', 'Done'), ('failed', 'Failed'), ('timed_out', 'Timed Out'), ('refused', 'Refused'), ('awaiting_approval', 'Awaiting Approval'), ('rejected', 'Rejected')], max_length=20),
+            model_name="operatoraction",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("requested", "Requested"),
+                    ("dispatched", "Dispatched"),
+                    ("acknowledged", "Acknowledged"),
+                    ("done", "Done"),
+                    ("failed", "Failed"),
+                    ("timed_out", "Timed Out"),
+                    ("refused", "Refused"),
+                    ("awaiting_approval", "Awaiting Approval"),
+                    ("rejected", "Rejected"),
+                ],
+                max_length=20,
+            ),
         ),
     ]

@@ -1,11 +1,12 @@
-"""Shapes of the API: read-only outputs, and the bodies of the incident, saga-type and start
-writes."""
+"""Shapes of the API: read-only outputs, and the bodies of the incident, saga-type, start and
+operator-action writes."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.urls import reverse
 from django.utils.dateparse import parse_datetime
 from drf_spectacular.types import OpenApiTypes
@@ -14,7 +15,8 @@ from rest_framework import serializers
 
 from orchestrator.models import Circuit
 from tracking.incidents import NOTE_MAX
-from tracking.models import Incident, Saga, Step, TelemetryEvent
+from tracking.models import AuditEntry, Incident, OperatorAction, Saga, Step, TelemetryEvent
+from tracking.protocol import redact
 from tracking.selectors import EventRow
 
 
@@ -363,4 +365,144 @@ class CircuitSerializer(serializers.ModelSerializer):
     class Meta:
         model = Circuit
         fields = ["service", "state", "failures", "opened_at", "retry_at"]
+        read_only_fields = fields
+
+
+# -- operator actions and the audit log ------------------------------------------------
+
+
+class ActionRequestSerializer(serializers.Serializer):
+    """The body of ``POST /api/v1/sagas/{saga_id}/actions/{action}`` (tracking/actions.py
+    checks the values and names the field it refuses)."""
+
+    reason = serializers.CharField(
+        trim_whitespace=False,
+        allow_blank=True,
+        help_text="required: why (written to the audit log); at most 2000 characters",
+    )
+    expected_version = serializers.IntegerField(
+        help_text="the saga's `version` you decided on; 409 with `current_version` when it moved"
+    )
+    step = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        trim_whitespace=False,
+        help_text="retry_step, skip_step, rerun: the step (default: the failed or current one)",
+    )
+    data = serializers.JSONField(  # type: ignore[assignment]
+        required=False,
+        allow_null=True,
+        help_text="rerun only: the saga's new data, a JSON object (admins)",
+    )
+    request_id = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        trim_whitespace=False,
+        help_text="1 to 100 characters of yours: sent again, the first answer comes back "
+        "and nothing is dispatched twice",
+    )
+
+    def validate_data(self, value: Any) -> Any:
+        if value is not None and not isinstance(value, dict):
+            raise serializers.ValidationError("a JSON object")
+        if value is not None and self.context.get("action") != "rerun":
+            raise serializers.ValidationError("only rerun takes data")
+        return value
+
+
+class ActionAnswerSerializer(serializers.Serializer):
+    action = serializers.CharField()
+    saga_id = serializers.CharField()
+    status = serializers.ChoiceField(
+        choices=["done", "dispatched", "awaiting_approval"],
+        help_text="done: the orchestrator carried it out; dispatched: a command is on its way "
+        "to the owning service; awaiting_approval: a second operator must approve it (the "
+        "two-person rule). Follow it at /api/v1/actions/{id}",
+    )
+    command_id = serializers.CharField(
+        allow_blank=True, help_text='dispatched: the command; else ""'
+    )
+    orchestrated = serializers.BooleanField()
+    version = serializers.IntegerField(help_text="the saga's version after the action")
+    id = serializers.IntegerField(help_text="the action's id: GET /api/v1/actions/{id}")
+    resubmitted = serializers.BooleanField(
+        required=False, help_text="present (true) when this answers a repeated request_id"
+    )
+
+
+class AvailabilitySerializer(serializers.Serializer):
+    name = serializers.CharField()
+    # DRF moves declared fields off the class: this does not hide Field.label.
+    label = serializers.CharField()  # type: ignore[assignment]
+    allowed = serializers.BooleanField(help_text="may you run it on this saga now?")
+    reason = serializers.CharField(allow_blank=True, help_text='why not; "" when allowed')
+    needs_step = serializers.BooleanField()
+    step = serializers.CharField(allow_blank=True, help_text="the step it would act on")
+
+
+class OperatorActionSerializer(serializers.ModelSerializer):
+    # DRF moves declared fields off the class: this does not hide Serializer.data.
+    data = serializers.SerializerMethodField(  # type: ignore[assignment]
+        help_text="rerun: the edited data (redacted)"
+    )
+
+    class Meta:
+        model = OperatorAction
+        fields = [
+            "id",
+            "request_id",
+            "action",
+            "saga_id",
+            "step",
+            "actor",
+            "reason",
+            "data",
+            "status",
+            "orchestrated",
+            "command_id",
+            "service",
+            "created_at",
+            "dispatched_at",
+            "acknowledged_at",
+            "finished_at",
+            "deadline",
+            "error",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(OpenApiTypes.OBJECT)
+    def get_data(self, record: OperatorAction) -> Any:
+        keys = frozenset(k.lower() for k in settings.SAGAADMIN["PAYLOAD_REDACT_KEYS"])
+        return redact(record.data, keys)
+
+
+class SagaActionsSerializer(serializers.Serializer):
+    saga_id = serializers.CharField()
+    version = serializers.IntegerField(help_text="send it as expected_version")
+    available = AvailabilitySerializer(many=True, help_text="every action, for you, now")
+    history = OperatorActionSerializer(many=True, help_text="past actions, newest first")
+
+
+class AuditEntrySerializer(serializers.ModelSerializer):
+    operator_action_id = serializers.IntegerField(
+        allow_null=True, help_text="the operator action: GET /api/v1/actions/{id}"
+    )
+
+    class Meta:
+        model = AuditEntry
+        fields = [
+            "id",
+            "at",
+            "actor",
+            "role",
+            "action",
+            "saga_id",
+            "step",
+            "reason",
+            "outcome",
+            "detail",
+            "state_before",
+            "state_after",
+            "operator_action_id",
+        ]
         read_only_fields = fields

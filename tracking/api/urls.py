@@ -1,5 +1,11 @@
 from django.urls import path, re_path
 
+from tracking.api.actions import (
+    ActionDetailView,
+    AuditListView,
+    SagaActionListView,
+    SagaActionView,
+)
 from tracking.api.incidents import (
     IncidentAcknowledgeView,
     IncidentDetailView,
@@ -23,7 +29,17 @@ urlpatterns = [
     path("events", events_view, name="events"),
     path("sagas", SagaListView.as_view(), name="api-saga-list"),
     re_path(r"^sagas/(?P<saga_id>.+)/events$", SagaEventsView.as_view(), name="api-saga-events"),
+    re_path(
+        r"^sagas/(?P<saga_id>.+)/actions/(?P<action>[a-z_]+)$",
+        SagaActionView.as_view(),
+        name="api-saga-action",
+    ),
+    re_path(
+        r"^sagas/(?P<saga_id>.+)/actions$", SagaActionListView.as_view(), name="api-saga-actions"
+    ),
     re_path(r"^sagas/(?P<saga_id>.+)$", SagaDetailView.as_view(), name="api-saga-detail"),
+    path("actions/<int:action_id>", ActionDetailView.as_view(), name="api-action-detail"),
+    path("audit", AuditListView.as_view(), name="api-audit-list"),
     path("incidents", IncidentListView.as_view(), name="api-incident-list"),
     path("incidents/<int:incident_id>", IncidentDetailView.as_view(), name="api-incident-detail"),
     path(

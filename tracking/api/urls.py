@@ -6,6 +6,15 @@ from tracking.api.actions import (
     SagaActionListView,
     SagaActionView,
 )
+from tracking.api.bulk import (
+    ActionApproveView,
+    ActionRejectView,
+    BulkJobApproveView,
+    BulkJobCancelView,
+    BulkJobListView,
+    BulkJobView,
+    BulkPreviewView,
+)
 from tracking.api.incidents import (
     IncidentAcknowledgeView,
     IncidentDetailView,
@@ -39,6 +48,17 @@ urlpatterns = [
     ),
     re_path(r"^sagas/(?P<saga_id>.+)$", SagaDetailView.as_view(), name="api-saga-detail"),
     path("actions/<int:action_id>", ActionDetailView.as_view(), name="api-action-detail"),
+    path("actions/<int:action_id>/approve", ActionApproveView.as_view(), name="api-action-approve"),
+    path("actions/<int:action_id>/reject", ActionRejectView.as_view(), name="api-action-reject"),
+    path("bulk-actions", BulkJobListView.as_view(), name="api-bulk-jobs"),
+    path("bulk-actions/preview", BulkPreviewView.as_view(), name="api-bulk-preview"),
+    path("bulk-actions/<int:job_id>", BulkJobView.as_view(), name="api-bulk-job"),
+    path("bulk-actions/<int:job_id>/cancel", BulkJobCancelView.as_view(), name="api-bulk-cancel"),
+    path(
+        "bulk-actions/<int:job_id>/approve",
+        BulkJobApproveView.as_view(),
+        name="api-bulk-approve",
+    ),
     path("audit", AuditListView.as_view(), name="api-audit-list"),
     path("incidents", IncidentListView.as_view(), name="api-incident-list"),
     path("incidents/<int:incident_id>", IncidentDetailView.as_view(), name="api-incident-detail"),

@@ -174,6 +174,15 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Several models have a "status" with its own choices: name each enum.
+    "ENUM_NAME_OVERRIDES": {
+        "SagaStatusEnum": "tracking.models.SagaStatus",
+        "StepStatusEnum": "tracking.models.StepStatus",
+        "IncidentStatusEnum": "tracking.models.IncidentStatus",
+        "ActionStatusEnum": "tracking.models.ActionStatus",
+        "RunStatusEnum": "orchestrator.models.RunStatus",
+        "StepRunStatusEnum": "orchestrator.models.StepRunStatus",
+    },
 }
 
 # --- outbox and broker ----------------------------------------------------

@@ -23,6 +23,7 @@ from outbox.versions import message_type
 from tracking.live import notify_sagas_changed
 from tracking.models import (
     AlertWindow,
+    AuditEntry,
     Incident,
     IncidentStatus,
     Saga,
@@ -187,6 +188,7 @@ def incident_acknowledge(*, incident_id: int, user: str, note: str = "") -> Inci
             update_fields=["status", "acknowledged_at", "acknowledged_by", "acknowledge_note"]
         )
         _saga_touched(incident.saga)
+        _audit(incident, "acknowledge_incident", user, note)
         alert_publish(incident, "acknowledged")
     return incident
 
@@ -204,8 +206,24 @@ def incident_resolve(*, incident_id: int, user: str, note: str) -> Incident:
         kinds = [k for k in split_delimited(saga.open_incidents) if k != incident.kind]
         Saga.objects.filter(pk=saga.pk).update(open_incidents=join_delimited(kinds))
         _saga_touched(saga)
+        _audit(incident, "resolve_incident", user, note)
         alert_publish(incident, "resolved")
     return incident
+
+
+def _audit(incident: Incident, action: str, user: str, note: str) -> None:
+    """Operators' incident changes go to the audit log like every action."""
+    AuditEntry.objects.create(
+        actor=user,
+        action=action,
+        saga_id=incident.saga.saga_id,
+        step=incident.step,
+        reason=note,
+        outcome="done",
+        detail=f"incident {incident.pk} ({incident.kind})",
+        state_before={"incident": incident.kind, "status": "open"},
+        state_after={"incident": incident.kind, "status": incident.status},
+    )
 
 
 def _saga_touched(saga: Saga) -> None:

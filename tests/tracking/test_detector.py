@@ -331,3 +331,21 @@ def test_manage_py_detect_once_prints_the_pass(capsys: Any) -> None:
     out = capsys.readouterr().out
     assert out.startswith("detector: examined 1 sagas in ")
     assert "opened 1, resolved 0 incidents" in out
+
+
+@pytest.mark.django_db
+def test_an_operators_incident_changes_are_audited() -> None:
+    from tracking.models import AuditEntry
+
+    start("aud-1")
+    detect_pass(now=at(901))
+    incident = Incident.objects.get()
+    incident_acknowledge(incident_id=incident.pk, user="olivia", note="on it")
+    incident_resolve(incident_id=incident.pk, user="olivia", note="restarted the consumer")
+    entries = list(
+        AuditEntry.objects.order_by("pk").values_list("action", "actor", "reason", "saga_id")
+    )
+    assert entries == [
+        ("acknowledge_incident", "olivia", "on it", "aud-1"),
+        ("resolve_incident", "olivia", "restarted the consumer", "aud-1"),
+    ]

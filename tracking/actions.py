@@ -456,17 +456,13 @@ def action_approve(*, action_id: int, user: Any) -> dict[str, Any]:
     """The two-person rule: a second operator approves a waiting action; it is dispatched now.
 
     The state is checked again (not the version: the saga may have moved while it
-    waited, and the approver sees it as it is now).
+    waited, and the approver sees it as it is now). A refusal is audited; the
+    action stays waiting.
     """
+    refusal: ActionError | None = None
     with transaction.atomic():
         record = _waiting(action_id)
         action = ACTIONS[record.action]
-        if record.actor == _name(user):
-            raise ActionError(403, "approver", "a second person must approve, not the requester")
-        if not user.has_perm(action.permission):
-            raise ActionError(403, "role", f"your role may not {action.label.lower()}")
-        target = _lock(record.saga_id)
-        before = target.state()
         inp = ActionInput(
             action=record.action,
             saga_id=record.saga_id,
@@ -476,16 +472,38 @@ def action_approve(*, action_id: int, user: Any) -> dict[str, Any]:
             step=record.step,
             data=record.data,
         )
-        action.check(target, inp)
-        action.execute(target, inp, record)
-        record.approved_by = _name(user)
-        version = _bump(target.saga)
-        record.response = {**record.response, "status": record.status, "version": version}
-        record.response["command_id"] = record.command_id
-        record.response["orchestrated"] = record.orchestrated
-        record.save()
-        _audit(inp, action, record, before, _lock_state(record.saga_id), outcome="approved")
-        return record.response
+        target = _lock(record.saga_id)
+        before = target.state()
+        try:
+            if record.actor == _name(user):
+                raise ActionError(
+                    403, "approver", "a second person must approve, not the requester"
+                )
+            if not user.has_perm(action.permission):
+                raise ActionError(403, "role", f"your role may not {action.label.lower()}")
+            action.check(target, inp)
+            with transaction.atomic():
+                action.execute(target, inp, record)
+        except ActionError as exc:
+            refusal = exc
+        if refusal is None:
+            record.approved_by = _name(user)
+            version = _bump(target.saga)
+            record.response = {
+                **record.response,
+                "status": record.status,
+                "version": version,
+                "command_id": record.command_id,
+                "orchestrated": record.orchestrated,
+            }
+            record.save()
+            _audit(inp, action, record, before, _lock_state(record.saga_id), outcome="approved")
+            return record.response
+    assert refusal is not None
+    with transaction.atomic():
+        outcome = {403: "forbidden", 409: "conflict"}.get(refusal.status, "refused")
+        _audit(inp, action, record, before, before, outcome=outcome, detail=refusal.message)
+    raise refusal
 
 
 def action_reject(*, action_id: int, user: Any, note: str = "") -> dict[str, Any]:

@@ -102,6 +102,11 @@ def bulk_start(
     return job
 
 
+def _permission(job: BulkJob) -> str:
+    action = ACTIONS.get(job.action)
+    return action.permission if action else "tracking.terminate_saga"  # unknown: admins only
+
+
 def bulk_approve(*, job_id: int, user: Any) -> BulkJob:
     """The two-person rule for big jobs: a second operator lets it run."""
     with transaction.atomic():
@@ -110,7 +115,7 @@ def bulk_approve(*, job_id: int, user: Any) -> BulkJob:
             raise ActionError(409, "status", f"the job is {job.status}, not awaiting approval")
         if job.actor == user.get_username():
             raise ActionError(403, "approver", "a second person must approve, not the requester")
-        if not user.has_perm(ACTIONS[job.action].permission):
+        if not user.has_perm(_permission(job)):
             raise ActionError(403, "role", "your role may not run this job")
         job.status = "running"
         job.approved_by = user.get_username()
@@ -122,7 +127,7 @@ def bulk_cancel(*, job_id: int, user: Any) -> BulkJob:
     """Stop a running job: items not dispatched yet are marked cancelled."""
     with transaction.atomic():
         job = BulkJob.objects.select_for_update().get(pk=job_id)
-        if not user.has_perm(ACTIONS[job.action].permission):
+        if not user.has_perm(_permission(job)):
             raise ActionError(403, "role", "your role may not cancel this job")
         if job.status not in ("running", "awaiting_approval"):
             raise ActionError(409, "status", f"the job is {job.status} already")

@@ -12,6 +12,22 @@ urlpatterns = [
         views.saga_action_view,
         name="saga-action",
     ),
+    path(
+        "operator-actions/<int:action_id>/approve",
+        views.operator_action_approve_view,
+        name="operator-action-approve",
+    ),
+    path(
+        "operator-actions/<int:action_id>/reject",
+        views.operator_action_reject_view,
+        name="operator-action-reject",
+    ),
+    path("bulk/", views.bulk_job_list_page, name="bulk-jobs"),
+    path("bulk/preview", views.bulk_preview_view, name="bulk-preview"),
+    path("bulk/start", views.bulk_start_view, name="bulk-start"),
+    path("bulk/<int:job_id>/", views.bulk_job_page, name="bulk-job"),
+    path("bulk/<int:job_id>/cancel", views.bulk_cancel_view, name="bulk-cancel"),
+    path("bulk/<int:job_id>/approve", views.bulk_approve_view, name="bulk-approve"),
     path("audit/", views.audit_page, name="audit"),
     path("incidents/", views.incident_list_page, name="incidents"),
     path(

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import wraps
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -23,7 +20,7 @@ from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
-from django.http import Http404, HttpRequest, HttpResponse, QueryDict, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, QueryDict
 from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
 from django.urls import Resolver404, resolve, reverse
@@ -43,10 +40,14 @@ from tracking.actions import (
     REASON_MAX,
     ActionError,
     ActionInput,
+    action_approve,
+    action_reject,
     actions_available,
     saga_action_run,
 )
 from tracking.api.orchestrator import orchestrated_saga_start, run_state_get, runs_unfinished_list
+from tracking.audit import AUDIT_OUTCOMES, EXPORTS, AuditFilter, audit_export, audit_list
+from tracking.bulk_actions import bulk_approve, bulk_cancel, bulk_preview, bulk_start
 from tracking.fragments import (
     SAGA_ROW_FIELDS,
     event_rows_html,
@@ -59,6 +60,8 @@ from tracking.incidents import NOTE_MAX, IncidentRefused, incident_acknowledge, 
 from tracking.keys import service_key_create, service_key_revoke
 from tracking.models import (
     AuditEntry,
+    BulkItem,
+    BulkJob,
     Incident,
     IncidentKind,
     OperatorAction,
@@ -191,6 +194,9 @@ def saga_list_page(request: HttpRequest) -> HttpResponse:
         "statuses": SagaStatus.values,
         "flag_groups": FLAGS,
         "q": request.GET,
+        "bulk_actions": _bulk_actions_for(request.user),
+        "bulk_filter": _bulk_filter_pairs(_bulk_filter_query(request.GET)),
+        "reason_max": REASON_MAX,
         "now": now,
         "nav": "sagas",
     }
@@ -269,6 +275,8 @@ def _saga_detail_context(
             :ACTIONS_ON_DETAIL
         ],
         "actions_more": OperatorAction.objects.filter(saga_id=saga_id).count() > ACTIONS_ON_DETAIL,
+        # the waiting actions (two-person rule) this user may approve or reject
+        "approvable": {name for name, _ in _bulk_actions_for(request.user)},
         "reason_max": REASON_MAX,
         "now": now,
         "nav": "sagas",
@@ -413,57 +421,341 @@ def _action_data(saga_id: str, action: str, text: str) -> dict[str, Any] | None:
     return data
 
 
+# -- waiting actions (the two-person rule) -----------------------------------------
+
+
+@require_POST
+@viewer_required
+def operator_action_approve_view(request: HttpRequest, action_id: int) -> HttpResponse:
+    return _operator_action_decide(request, action_id, approve=True)
+
+
+@require_POST
+@viewer_required
+def operator_action_reject_view(request: HttpRequest, action_id: int) -> HttpResponse:
+    return _operator_action_decide(request, action_id, approve=False)
+
+
+def _operator_action_decide(request: HttpRequest, action_id: int, *, approve: bool) -> HttpResponse:
+    """A second operator approves (it is dispatched now) or rejects a waiting action.
+
+    Back to the saga's page with a flash message; a refusal (the requester, a role
+    that may not, no longer waiting, the saga's state) is the message.
+    """
+    if not can_act(request.user):
+        raise PermissionDenied("Only operators and admins approve or reject actions.")
+    record = OperatorAction.objects.filter(pk=action_id).first()
+    if record is None:
+        raise Http404(f"No operator action {action_id}.")
+    label = ACTIONS[record.action].label if record.action in ACTIONS else record.action
+    verb = "approved" if approve else "rejected"
+    try:
+        if approve:
+            answer = action_approve(action_id=action_id, user=request.user)
+        else:
+            note = request.POST.get("note", "").strip()
+            answer = action_reject(action_id=action_id, user=request.user, note=note)
+    except ActionError as exc:
+        messages.error(request, f"{label} on {record.saga_id} was not {verb}: {exc.message}.")
+    else:
+        messages.success(
+            request, f"{label} on {record.saga_id} {verb} (by {record.actor}): {answer['status']}."
+        )
+    return redirect(saga_detail_url(record.saga_id))
+
+
+# -- bulk actions ------------------------------------------------------------------
+
+# The saga list's filter fields a bulk action carries (not the list's cursor or sort).
+BULK_FILTER_FIELDS = (
+    "type",
+    "status",
+    "flag",
+    "service",
+    "step",
+    "saga_id",
+    "attr",
+    "started_after",
+    "started_before",
+)
+# A job's page lists this many of its sagas (each one's action is in the audit log too).
+BULK_ITEMS_SHOWN = 500
+BULK_ITEM_STATUSES = ("pending", "done", "failed", "cancelled")
+# The jobs page lists the newest this many.
+BULK_JOBS_SHOWN = 100
+BULK_POLLED = ("running", "awaiting_approval")
+
+
+def _bulk_actions_for(user: Any) -> list[tuple[str, str]]:
+    """(name, label) of the actions ``user`` may run; none for a viewer."""
+    if not can_act(user):
+        return []
+    return [(name, a.label) for name, a in ACTIONS.items() if user.has_perm(a.permission)]
+
+
+def _bulk_filter_query(query: QueryDict) -> QueryDict:
+    """The saga list's filter fields in ``query`` (the URL's or a form's), nothing else."""
+    out = QueryDict(mutable=True)
+    for name in BULK_FILTER_FIELDS:
+        values = [v for v in query.getlist(name) if v]
+        if values:
+            out.setlist(name, values)
+    return out
+
+
+def _bulk_filter_pairs(query: QueryDict) -> list[tuple[str, str]]:
+    """One (name, value) per hidden input (``attr`` may repeat)."""
+    return [(name, value) for name, values in query.lists() for value in values]
+
+
+def _bulk_list_query(filters: dict[str, str]) -> str:
+    """A job's selector parameters -> the saga list's query string (``attr.k`` -> ``attr=k=v``)."""
+    query = QueryDict(mutable=True)
+    for name, value in filters.items():
+        if name.startswith("attr."):
+            query.appendlist("attr", f"{name[5:]}={value}")
+        else:
+            query[name] = value
+    return query.urlencode()
+
+
+def _bulk_may(request: HttpRequest) -> None:
+    if not can_act(request.user):
+        raise PermissionDenied("Only operators and admins run bulk actions.")
+
+
+def _bulk_preview_context(
+    request: HttpRequest, form: QueryDict, errors: dict[str, str]
+) -> dict[str, Any]:
+    """The preview page: what the filter in ``form`` matches now, and the confirm form."""
+    cfg = settings.SAGAADMIN
+    filter_query = _bulk_filter_query(form)
+    errors = dict(errors)
+    params: dict[str, str] = {}
+    preview = None
+    try:
+        params = _filter_params(filter_query)
+        preview = bulk_preview(filters=params)
+    except InvalidFilter as exc:
+        errors.setdefault("filters", f"{exc.field}: {exc.message}")
+    count = preview.count if preview else 0
+    above = cfg["TWO_PERSON_BULK_ABOVE"]
+    rate = cfg["BULK_RATE_PER_SECOND"]
+    return {
+        "action": form.get("action", ""),
+        "reason": form.get("reason", ""),
+        "bulk_actions": _bulk_actions_for(request.user),
+        "filter_fields": _bulk_filter_pairs(filter_query),
+        "filter_params": sorted(params.items()),
+        "list_query": filter_query.urlencode(),
+        "preview": preview,
+        "sample": [(s, saga_detail_url(s)) for s in preview.sample] if preview else [],
+        "more": count - len(preview.sample) if preview else 0,
+        "most": cfg["BULK_MAX_SAGAS"],
+        "too_many": count > cfg["BULK_MAX_SAGAS"],
+        "above": above,
+        "needs_approval": bool(above) and count > above,
+        "rate": rate,
+        "eta": _seconds_text(round(count / rate)) if rate > 0 and count else "",
+        "errors": errors,
+        "reason_max": REASON_MAX,
+        "now": timezone.now(),
+        "nav": "sagas",
+    }
+
+
+@require_GET
+@viewer_required
+def bulk_preview_view(request: HttpRequest) -> HttpResponse:
+    """How many sagas the list's filter matches now, a sample, and "Confirm N sagas"."""
+    _bulk_may(request)
+    action = request.GET.get("action", "")
+    errors: dict[str, str] = {}
+    status = 200
+    if action not in ACTIONS:
+        errors["action"], status = "choose an action", 400
+    elif not request.user.has_perm(ACTIONS[action].permission):
+        errors["action"], status = f"your role may not {ACTIONS[action].label.lower()}", 403
+    context = _bulk_preview_context(request, request.GET, errors)
+    if status == 200 and context["errors"]:
+        status = 400
+    return _page(request, "tracking/bulk_preview.html", context, status=status)
+
+
+@require_POST
+@viewer_required
+def bulk_start_view(request: HttpRequest) -> HttpResponse:
+    """Start the job the operator confirmed, then its page.
+
+    A refusal renders the preview again, counted afresh, with the message at the
+    field it names and its status: 400 reason or filter (none, or too many), 403
+    role, 409 the count changed since the preview (confirm the new one).
+    """
+    _bulk_may(request)
+    action = request.POST.get("action", "")
+    errors: dict[str, str] = {}
+    try:
+        expected_text = request.POST.get("expected_count", "").strip()
+        try:
+            expected_count = int(expected_text)
+        except ValueError:
+            raise ActionError(
+                400, "expected_count", "preview first: confirm the count you saw"
+            ) from None
+        job = bulk_start(
+            action=action,
+            filters=_filter_params(_bulk_filter_query(request.POST)),
+            reason=request.POST.get("reason", ""),
+            user=request.user,
+            expected_count=expected_count,
+        )
+    except InvalidFilter as exc:
+        errors["filters"], status = f"{exc.field}: {exc.message}", 400
+    except ActionError as exc:
+        field = "action" if exc.field == "role" else exc.field
+        errors[field], status = exc.message, exc.status
+    else:
+        label = ACTIONS[action].label
+        if job.status == "awaiting_approval":
+            messages.info(
+                request,
+                f"{label} on {job.total} sagas waits for a second operator to approve it"
+                f" (bulk job {job.pk}).",
+            )
+        else:
+            messages.success(request, f"{label} on {job.total} sagas started (bulk job {job.pk}).")
+        return redirect("bulk-job", job_id=job.pk)
+    context = _bulk_preview_context(request, request.POST, errors)
+    return _page(request, "tracking/bulk_preview.html", context, status=status)
+
+
+@dataclass(frozen=True, slots=True)
+class BulkProgress:
+    """A job's progress bar: processed of total, the succeeded and failed parts (percent)."""
+
+    job: BulkJob
+    percent: int
+    succeeded_pct: float
+    failed_pct: float
+    not_done: int  # cancelled: the items that will not run
+    eta: str  # running: about how long the rest takes at the job's rate
+
+    @classmethod
+    def of(cls, job: BulkJob) -> BulkProgress:
+        total = job.total or 1
+        rest = job.total - job.processed
+        eta = ""
+        if job.status == "running" and job.rate > 0 and rest:
+            eta = _seconds_text(round(rest / job.rate))
+        return cls(
+            job=job,
+            percent=job.processed * 100 // total,
+            succeeded_pct=round(job.succeeded * 100 / total, 2),
+            failed_pct=round(job.failed * 100 / total, 2),
+            not_done=rest if job.status == "cancelled" else 0,
+            eta=eta,
+        )
+
+
+@require_GET
+@viewer_required
+def bulk_job_page(request: HttpRequest, job_id: int) -> HttpResponse:
+    """A bulk job: its progress (the htmx poll gets the bar only), buttons, per-saga results."""
+    job = BulkJob.objects.filter(pk=job_id).first()
+    if job is None:
+        raise Http404(f"No bulk job {job_id}.")
+    if request.headers.get("HX-Request") and request.headers.get("HX-Target") == "bulk-progress":
+        response = render(
+            request, "tracking/bulk_job.html#bulk-progress", {"p": BulkProgress.of(job)}
+        )
+        if request.GET.get("seen", job.status) != job.status:
+            response["HX-Refresh"] = "true"  # finished, approved, cancelled: the whole page
+        return response
+    shown = request.GET.get("items", "")
+    if shown not in BULK_ITEM_STATUSES:
+        shown = ""
+    items = BulkItem.objects.filter(job=job).order_by("pk")
+    counts = dict(items.order_by().values_list("status").annotate(n=Count("pk")))
+    if shown:
+        items = items.filter(status=shown)
+    items_total = counts.get(shown, 0) if shown else job.total
+    spec = ACTIONS.get(job.action)
+    may = spec is not None and can_act(request.user) and request.user.has_perm(spec.permission)
+    mine = job.actor == request.user.get_username()
+    context = {
+        "job": job,
+        "p": BulkProgress.of(job),
+        "label": spec.label if spec else job.action,
+        "filter_params": sorted(job.filters.items()),
+        "list_query": _bulk_list_query(job.filters),
+        "items": items[:BULK_ITEMS_SHOWN],
+        "items_total": items_total,
+        "items_more": max(items_total - BULK_ITEMS_SHOWN, 0),
+        "items_shown": shown,
+        "item_counts": [(s, counts.get(s, 0)) for s in BULK_ITEM_STATUSES],
+        "may_cancel": may and job.status in BULK_POLLED,
+        "may_approve": may and job.status == "awaiting_approval" and not mine,
+        "mine": mine,
+        "now": timezone.now(),
+        "nav": "sagas",
+    }
+    return _page(request, "tracking/bulk_job.html", context)
+
+
+@require_GET
+@viewer_required
+def bulk_job_list_page(request: HttpRequest) -> HttpResponse:
+    """Bulk jobs, newest first."""
+    jobs = BulkJob.objects.order_by("-created_at", "-pk")[:BULK_JOBS_SHOWN]
+    context = {
+        "jobs": [BulkProgress.of(j) for j in jobs],
+        "shown": BULK_JOBS_SHOWN,
+        "now": timezone.now(),
+        "nav": "sagas",
+    }
+    return _page(request, "tracking/bulk_jobs.html", context)
+
+
+@require_POST
+@viewer_required
+def bulk_cancel_view(request: HttpRequest, job_id: int) -> HttpResponse:
+    """Stop a job (running or waiting for approval); back to its page with a message."""
+    _bulk_may(request)
+    try:
+        job = bulk_cancel(job_id=job_id, user=request.user)
+    except BulkJob.DoesNotExist:
+        raise Http404(f"No bulk job {job_id}.") from None
+    except ActionError as exc:
+        messages.error(request, f"Bulk job {job_id} was not cancelled: {exc.message}.")
+    else:
+        messages.success(
+            request,
+            f"Bulk job {job.pk} cancelled: {job.processed} of {job.total} sagas were processed,"
+            " the rest will not be.",
+        )
+    return redirect("bulk-job", job_id=job_id)
+
+
+@require_POST
+@viewer_required
+def bulk_approve_view(request: HttpRequest, job_id: int) -> HttpResponse:
+    """The two-person rule: a second operator lets a big job run."""
+    _bulk_may(request)
+    try:
+        job = bulk_approve(job_id=job_id, user=request.user)
+    except BulkJob.DoesNotExist:
+        raise Http404(f"No bulk job {job_id}.") from None
+    except ActionError as exc:
+        messages.error(request, f"Bulk job {job_id} was not approved: {exc.message}.")
+    else:
+        messages.success(request, f"Bulk job {job.pk} approved (asked by {job.actor}): it runs.")
+    return redirect("bulk-job", job_id=job_id)
+
+
 # -- the audit log ----------------------------------------------------------------
 
 AUDIT_FILTERS = ("actor", "action", "saga_id", "outcome")
 AUDIT_PAGE = 50
-AUDIT_EXPORT_BATCH = 1000
-AUDIT_COLUMNS = (
-    "id",
-    "at",
-    "actor",
-    "role",
-    "action",
-    "saga_id",
-    "step",
-    "reason",
-    "outcome",
-    "detail",
-    "state_before",
-    "state_after",
-    "operator_action_id",
-)
-AUDIT_OUTCOMES = ("done", "dispatched", "forbidden", "conflict", "refused")
-
-
-def _audit_cursor(text: str) -> tuple[datetime, int]:
-    """``<at ISO>_<id>`` -> the keyset position (the last entry of the page before)."""
-    at, _, pk = text.rpartition("_")
-    try:
-        parsed = datetime.fromisoformat(at)
-        if parsed.tzinfo is None:
-            raise ValueError(at)
-        return parsed, int(pk)
-    except ValueError:
-        raise InvalidFilter(
-            "cursor", "not a page of this list: start from the first page"
-        ) from None
-
-
-def _audit_query(params: dict[str, str]) -> Any:
-    """Entries matching the filters, newest first (``at``, then ``id`` for ties)."""
-    entries = AuditEntry.objects.all()
-    for name in AUDIT_FILTERS:
-        if params.get(name):
-            entries = entries.filter(**{name: params[name]})
-    return entries.order_by("-at", "-pk")
-
-
-def _after(entries: Any, position: tuple[datetime, int] | None) -> Any:
-    if position is None:
-        return entries
-    at, pk = position
-    return entries.filter(Q(at__lt=at) | Q(at=at, pk__lt=pk))
 
 
 @require_GET
@@ -472,30 +764,29 @@ def audit_page(request: HttpRequest) -> HttpResponseBase:
     """The audit log, newest first, filtered in the URL; ``?format=csv|jsonl`` exports it all."""
     params = {name: request.GET.get(name, "").strip() for name in AUDIT_FILTERS}
     export = request.GET.get("format", "")
-    if export in ("csv", "jsonl"):
-        return _audit_export(request, params, export)
     error = None
-    entries: list[AuditEntry] = []
-    next_query = None
+    page = None
     try:
+        filters = AuditFilter.from_params(params)
+        if export in EXPORTS:
+            return audit_export(filters=filters, fmt=export, asgi=isinstance(request, ASGIRequest))
         if export:
             raise InvalidFilter("format", "csv or jsonl (or none for this page)")
-        cursor = request.GET.get("cursor", "")
-        position = _audit_cursor(cursor) if cursor else None
-        entries = list(_after(_audit_query(params), position)[: AUDIT_PAGE + 1])
+        page = audit_list(
+            filters=filters, cursor=request.GET.get("cursor") or None, limit=AUDIT_PAGE
+        )
     except InvalidFilter as exc:
         error = exc
-    if len(entries) > AUDIT_PAGE:
-        entries = entries[:AUDIT_PAGE]
-        last = entries[-1]
+    next_query = None
+    if page and page.next_cursor:
         copy = request.GET.copy()
-        copy["cursor"] = f"{last.at.isoformat()}_{last.pk}"
+        copy["cursor"] = page.next_cursor
         next_query = copy.urlencode()
     filtered = {k: v for k, v in params.items() if v}
     export_query = QueryDict(mutable=True)
     export_query.update(filtered)
     context = {
-        "entries": entries,
+        "entries": page.entries if page else [],
         "q": params,
         "error": error,
         "filtered": bool(filtered),
@@ -509,88 +800,6 @@ def audit_page(request: HttpRequest) -> HttpResponseBase:
         "nav": "audit",
     }
     return _page(request, "tracking/audit.html", context, status=400 if error else 200)
-
-
-def _audit_export(request: HttpRequest, params: dict[str, str], kind: str) -> StreamingHttpResponse:
-    """Every entry matching the filters, streamed in keyset batches (newest first).
-
-    Entries written while the export runs are left out (it stops at the newest id
-    it saw first). Under ASGI the rows come from an async iterator, so the server
-    streams them instead of collecting the whole file first.
-    """
-    entries = _audit_query(params)
-    top = entries.values_list("pk", flat=True).first()
-    entries = entries.filter(pk__lte=top or 0)
-    encode = _csv_line if kind == "csv" else _jsonl_line
-
-    def batch(position: tuple[datetime, int] | None) -> list[AuditEntry]:
-        return list(_after(entries, position)[:AUDIT_EXPORT_BATCH])
-
-    def lines() -> Iterator[str]:
-        if kind == "csv":
-            yield _csv_row(AUDIT_COLUMNS)
-        position = None
-        while rows := batch(position):
-            yield "".join(encode(e) for e in rows)
-            position = (rows[-1].at, rows[-1].pk)
-
-    async def alines() -> AsyncIterator[str]:
-        if kind == "csv":
-            yield _csv_row(AUDIT_COLUMNS)
-        position = None
-        while rows := await sync_to_async(batch)(position):
-            yield "".join(encode(e) for e in rows)
-            position = (rows[-1].at, rows[-1].pk)
-
-    content: Any = alines() if isinstance(request, ASGIRequest) else lines()
-    content_type = "text/csv; charset=utf-8" if kind == "csv" else "application/jsonl"
-    response = StreamingHttpResponse(content, content_type=content_type)
-    stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
-    response["Content-Disposition"] = f'attachment; filename="audit-{stamp}.{kind}"'
-    return response
-
-
-def _audit_dict(entry: AuditEntry) -> dict[str, Any]:
-    return {
-        "id": entry.pk,
-        "at": entry.at.isoformat(),
-        "actor": entry.actor,
-        "role": entry.role,
-        "action": entry.action,
-        "saga_id": entry.saga_id,
-        "step": entry.step,
-        "reason": entry.reason,
-        "outcome": entry.outcome,
-        "detail": entry.detail,
-        "state_before": entry.state_before,
-        "state_after": entry.state_after,
-        "operator_action_id": entry.operator_action_id,
-    }
-
-
-def _jsonl_line(entry: AuditEntry) -> str:
-    return json.dumps(_audit_dict(entry), sort_keys=False, ensure_ascii=False) + "\n"
-
-
-def _csv_cell(value: Any) -> str:
-    """Text for a spreadsheet: JSON for the states; a leading ' keeps a formula a text."""
-    if value is None:
-        return ""
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    if isinstance(value, str) and text[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + text
-    return text
-
-
-def _csv_row(values: Any) -> str:
-    out = io.StringIO()
-    csv.writer(out).writerow(values)
-    return out.getvalue()
-
-
-def _csv_line(entry: AuditEntry) -> str:
-    row = _audit_dict(entry)
-    return _csv_row([_csv_cell(row[name]) for name in AUDIT_COLUMNS])
 
 
 @require_GET

@@ -23,7 +23,7 @@ from django.test import Client
 from orchestrator.engine import saga_start
 from orchestrator.models import SagaRun
 from orchestrator.worker import Worker
-from tracking import views
+from tracking import audit, views
 from tracking.models import AuditEntry, OperatorAction, Saga
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("test_sagas")]
@@ -390,13 +390,13 @@ def test_a_bad_cursor_is_a_400(entries: list[AuditEntry], user_client: Client) -
     response = user_client.get("/audit/?cursor=yesterday")
 
     assert response.status_code == 400
-    assert "not a page of this list" in response.content.decode()
+    assert "not a cursor this API handed out" in response.content.decode()
 
 
 def test_the_csv_export_has_everything_matching_the_filter(
     entries: list[AuditEntry], user_client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(views, "AUDIT_EXPORT_BATCH", 2)  # several batches
+    monkeypatch.setattr(audit, "EXPORT_BATCH", 2)  # several batches
     monkeypatch.setattr(views, "AUDIT_PAGE", 1)  # the export is not the page
 
     response = user_client.get("/audit/?actor=ana&format=csv")
@@ -404,24 +404,24 @@ def test_the_csv_export_has_everything_matching_the_filter(
     assert response.status_code == 200 and response.streaming
     assert response["Content-Type"] == "text/csv; charset=utf-8"
     assert re.fullmatch(
-        r'attachment; filename="audit-\d{8}T\d{6}Z\.csv"', response["Content-Disposition"]
+        r'attachment; filename="sagaadmin-audit-\d{8}T\d{6}Z\.csv"', response["Content-Disposition"]
     )
     rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
     assert [int(r["id"]) for r in rows] == [entries[i].pk for i in (4, 2, 0)]
     assert rows[0]["reason"] == 'looking, "quoted"\nnew line'
     assert rows[1]["reason"] == '\'=HYPERLINK("x")'  # a formula stays text in a spreadsheet
     assert json.loads(rows[2]["state_after"]) == {"status": "running", "version": 1}
-    assert rows[2]["at"] == T0.isoformat()
+    assert rows[2]["at"] == T0.isoformat().replace("+00:00", "Z")
 
 
 def test_the_jsonl_export_has_one_entry_a_line(
     entries: list[AuditEntry], user_client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(views, "AUDIT_EXPORT_BATCH", 2)
+    monkeypatch.setattr(audit, "EXPORT_BATCH", 2)
 
     response = user_client.get("/audit/?format=jsonl")
 
-    assert response["Content-Type"] == "application/jsonl"
+    assert response["Content-Type"] == "application/jsonl; charset=utf-8"
     assert response["Content-Disposition"].endswith('.jsonl"')
     lines = b"".join(response.streaming_content).decode().splitlines()
     records = [json.loads(line) for line in lines]

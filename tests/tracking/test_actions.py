@@ -259,6 +259,7 @@ def test_the_two_person_rule_waits_for_a_second_operator(settings: Any) -> None:
     with pytest.raises(ActionError, match="a second person must approve") as caught:
         action_approve(action_id=answer["id"], user=requester)
     assert caught.value.status == 403
+    assert OperatorAction.objects.get().status == "awaiting_approval"  # still waiting
     approved = action_approve(action_id=answer["id"], user=approver)
     assert approved["status"] == "dispatched"
     assert [c["action"] for c in commands()] == ["terminate"]
@@ -266,6 +267,7 @@ def test_the_two_person_rule_waits_for_a_second_operator(settings: Any) -> None:
     assert record.approved_by == approver.username
     assert [e.outcome for e in AuditEntry.objects.order_by("pk")] == [
         "awaiting_approval",
+        "forbidden",  # the requester's own approval, refused
         "approved",
     ]
     with pytest.raises(ActionError, match="not awaiting approval"):

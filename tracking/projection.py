@@ -49,9 +49,11 @@ RANK = {
 }
 
 # Events a terminal saga may still receive, by terminal status: a failed saga can
-# still be compensated, a failed compensation retried (operator interventions).
+# still be compensated or have a step retried (it is running again: ADR 0012), a
+# failed compensation retried (operator interventions).
 _AFTER_TERMINAL = {
     SagaStatus.FAILED: {
+        "step.started",
         "compensation.started",
         "compensation.succeeded",
         "compensation.failed",
@@ -281,6 +283,9 @@ def _apply(state: SagaState, e: FoldEvent) -> None:
         if e.idempotency_key:
             step.idempotency_key = e.idempotency_key
         if what == "started":
+            if state.status == SagaStatus.FAILED:  # a step retried after the saga failed
+                state.status = SagaStatus.RUNNING
+                state.ended_at = None
             step.status = StepStatus.RUNNING
             step.attempt = max(step.attempt, e.attempt)
             step.started_at = e.occurred_at

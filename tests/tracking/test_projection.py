@@ -193,3 +193,39 @@ def test_compensating_again_after_a_failure_reopens_the_saga() -> None:
     assert state.status == "compensating"
     assert state.ended_at is None
     assert state.duration_ms is None
+
+
+def test_a_step_retried_after_the_saga_failed_reopens_it() -> None:
+    """ADR 0012: an operator's retry of a failed saga's step makes it running again."""
+    from datetime import UTC, datetime, timedelta
+
+    from tracking.projection import FoldEvent, fold
+
+    t0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
+
+    def ev(n: int, type_: str, step: str = "", attempt: int = 1) -> FoldEvent:
+        at = t0 + timedelta(seconds=n)
+        return FoldEvent("svc", f"e{n}", type_, at, at, step=step, attempt=attempt)
+
+    failed = [
+        ev(0, "saga.started"),
+        ev(1, "step.started", "charge"),
+        ev(2, "step.failed", "charge"),
+        ev(3, "saga.failed"),
+    ]
+    state = fold("s", failed, skew_threshold=timedelta(seconds=30))
+    assert state.status == "failed" and state.ended_at is not None
+    retried = [
+        *failed,
+        ev(4, "step.started", "charge", 2),
+        ev(5, "step.succeeded", "charge", 2),
+        ev(6, "saga.completed"),
+    ]
+    state = fold("s", retried, skew_threshold=timedelta(seconds=30))
+    assert (state.status, state.anomalies) == ("completed", [])
+    assert state.steps["charge"].attempt == 2
+    # still an anomaly: anything else after the failure, e.g. a new step's success
+    late = fold(
+        "s", [*failed, ev(4, "step.succeeded", "ship")], skew_threshold=timedelta(seconds=30)
+    )
+    assert late.status == "failed" and [a["type"] for a in late.anomalies] == ["step.succeeded"]

@@ -90,8 +90,11 @@ def _validate(
                 max_depth=cfg["PAYLOAD_MAX_DEPTH"],
                 redact_keys=redact_keys,
             )
-            # attributes are searchable business keys: a secret never belongs there
-            attributes = redact(event.attributes, redact_keys)
+            # attributes are searchable business keys (flat scalars): a secret never
+            # belongs there; most events have none to redact, so look before copying
+            attributes = event.attributes
+            if any(k.lower() in redact_keys for k in attributes):
+                attributes = redact(attributes, redact_keys)
             event = msgspec.structs.replace(
                 normalise_times(event), service=service.name, payload=payload, attributes=attributes
             )

@@ -195,3 +195,99 @@ def test_an_operators_retry_is_obeyed_by_the_service_over_rabbitmq() -> None:
         "otto",
         record.pk,
     )
+
+
+# What an obedient payment service reports for each command (all naming the command).
+OBEY: dict[str, list[dict[str, Any]]] = {
+    "compensate": [
+        {"type": "compensation.started", "step": "reserve"},
+        {"type": "compensation.succeeded", "step": "reserve"},
+        {"type": "saga.compensated"},
+    ],
+    "skip_step": [
+        {"type": "step.succeeded", "step": "charge", "attempt": 2},
+        {"type": "saga.completed"},
+    ],
+    "cancel": [{"type": "saga.cancelled"}],
+    "terminate": [{"type": "saga.cancelled"}],
+    "retry_compensation": [
+        {"type": "compensation.started", "step": "reserve", "attempt": 2},
+        {"type": "compensation.succeeded", "step": "reserve", "attempt": 2},
+        {"type": "saga.compensated"},
+    ],
+}
+ENDS = {
+    "compensate": "compensated",
+    "skip_step": "completed",
+    "cancel": "cancelled",
+    "terminate": "cancelled",
+    "retry_compensation": "compensated",
+}
+
+
+def test_every_external_action_is_obeyed_over_rabbitmq_and_closes_the_loop() -> None:
+    need(_reachable("127.0.0.1", 5672), "needs RabbitMQ on 127.0.0.1:5672")
+    begun = [
+        {"type": "saga.started", "saga_type": "order"},
+        {"type": "step.started", "step": "reserve"},
+        {"type": "step.succeeded", "step": "reserve"},
+        {"type": "step.started", "step": "charge"},
+        {"type": "step.failed", "step": "charge", "error": {"type": "Declined"}},
+    ]
+    for action in OBEY:
+        extra: list[dict[str, Any]] = []
+        if action == "retry_compensation":
+            extra = [
+                {"type": "compensation.started", "step": "reserve"},
+                {"type": "compensation.failed", "step": "reserve", "error": {"type": "Timeout"}},
+                {"type": "saga.compensation_failed"},
+            ]
+        report(f"obey-{action}", *begun, *extra)
+    service_queue = f"test-payment-{uuid.uuid4().hex[:8]}"
+    stop = threading.Event()
+
+    def payment(message: Incoming) -> None:
+        command = message.payload
+        answer = {"command_id": command["command_id"]}
+        report(command["saga_id"], *({**e, "attributes": answer} for e in OBEY[command["action"]]))
+
+    consumer = threading.Thread(
+        target=run_rabbitmq_consumer,
+        kwargs={
+            "url": AMQP_URL,
+            "consumer": service_queue,
+            "topic": COMMANDS_TOPIC,
+            "binding": "payment.#",
+            "handler": payment,
+            "stop": stop,
+        },
+    )
+    consumer.start()
+    try:
+        time.sleep(1.0)
+        admin = get_user_model().objects.create_user("ada", password="pw-x-12345")
+        admin.groups.add(role_group("admin"))
+        client = Client()
+        client.force_login(admin)
+        ids = {}
+        for action in OBEY:
+            saga = Saga.objects.get(saga_id=f"obey-{action}")
+            response = client.post(
+                f"/api/v1/sagas/obey-{action}/actions/{action}",
+                {"reason": f"runbook: {action}", "expected_version": saga.version},
+                content_type="application/json",
+            )
+            assert response.status_code == 202, (action, response.content)
+            ids[action] = response.json()["id"]
+        assert wait_for(
+            lambda: set(OperatorAction.objects.values_list("status", flat=True)) == {"done"}
+        ), list(OperatorAction.objects.values_list("action", "status"))
+    finally:
+        stop.set()
+        consumer.join(15)
+        connections.close_all()
+        asyncio.run(_delete_queue(service_queue))
+    for action, end in ENDS.items():
+        saga = Saga.objects.get(saga_id=f"obey-{action}")
+        assert (action, saga.status, saga.anomalies) == (action, end, [])
+        assert OperatorAction.objects.get(pk=ids[action]).service == "payment"

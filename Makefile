@@ -13,7 +13,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 python3 \
 	command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
 	&& { command -v $$c; break; }; done)
 
-.PHONY: run test lint typecheck venv migrate bench-ingest bench-queries bench-relay bench-detect clean help
+.PHONY: run test lint typecheck venv migrate bench-ingest bench-queries bench-relay bench-detect bench-orchestrator clean help
 
 help:
 	@echo "make run    - set up .venv, migrate, start the dashboard on http://$(HOST):$(PORT)"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench-queries - dashboard/API query times on 1M sagas against raw SQL"
 	@echo "make bench-relay - outbox relay to RabbitMQ against raw broker/database and a peer"
 	@echo "make bench-detect - detector pass on 1M sagas; ingest with step stats on/off"
+	@echo "make bench-orchestrator - orchestrated sagas/s against the DBOS peer"
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON)" ]; then echo "Python 3.12+ not found: install it or set PYTHON=/path/to/python3.12"; exit 1; fi
@@ -66,6 +67,9 @@ bench-relay: venv
 
 bench-detect: venv
 	$(PY) bench/detect.py
+
+bench-orchestrator: venv
+	$(PY) bench/orchestrator.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

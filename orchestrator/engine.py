@@ -396,6 +396,10 @@ def _saga_error(run: SagaRun) -> dict[str, Any] | None:
 def _undoable(spec: Step, step: StepRun) -> bool:
     if step.status == StepRunStatus.COMPENSATING:
         return True
+    if step.status == StepRunStatus.FAILED and spec.kind == "remote":
+        # its command went out and nobody knows whether the service did the work
+        # (no answer in time, or abandoned by an operator): undo it to be sure
+        return (step.last_error or {}).get("type") in ("timeout", "cancelled")
     if step.status != StepRunStatus.SUCCEEDED:
         return False
     return spec.has_compensation or step.tx_state == "prepared"

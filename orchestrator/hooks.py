@@ -89,12 +89,24 @@ def _wake(run: SagaRun) -> None:
     run.lease_owner, run.lease_until = "", None  # a worker holding it must not write again
 
 
-def run_retry_step(*, saga_id: str, expected_version: int | None = None) -> HookResult:
+def _named(steps: list[StepRun], named: str, what: str) -> StepRun:
+    """The current step, which must be the one the operator named (when they named one)."""
+    step = _current(steps)
+    if step is None or step.status not in (StepRunStatus.FAILED, StepRunStatus.RUNNING):
+        raise Refused(f"no step has failed or is waiting: nothing to {what}", field="step")
+    if named and named != step.name:
+        raise Refused(f"the step to {what} now is {step.name}, not {named}", field="step")
+    return step
+
+
+def run_retry_step(
+    *, saga_id: str, step: str = "", expected_version: int | None = None
+) -> HookResult:
+    named = step
+
     def change(run: SagaRun, steps: list[StepRun], tel: Telemetry) -> None:
         _need(run, {RunStatus.RUNNING}, "retry a step of")
-        step = _current(steps)
-        if step is None or step.status not in (StepRunStatus.FAILED, StepRunStatus.RUNNING):
-            raise Refused("no step has failed or is waiting: nothing to retry", field="step")
+        step = _named(steps, named, "retry")
         run.epoch += 1
         step.status = StepRunStatus.PENDING
         step.attempt_base = step.attempt  # attempt numbers go on; the budget starts again
@@ -153,12 +165,14 @@ def run_compensate(
     return _hook(saga_id, expected_version, change)
 
 
-def run_skip_step(*, saga_id: str, expected_version: int | None = None) -> HookResult:
+def run_skip_step(
+    *, saga_id: str, step: str = "", expected_version: int | None = None
+) -> HookResult:
+    named = step
+
     def change(run: SagaRun, steps: list[StepRun], tel: Telemetry) -> None:
         _need(run, {RunStatus.RUNNING}, "skip a step of")
-        step = _current(steps)
-        if step is None or step.status not in (StepRunStatus.FAILED, StepRunStatus.RUNNING):
-            raise Refused("no step has failed or is waiting: nothing to skip", field="step")
+        step = _named(steps, named, "skip")
         now = timezone.now()
         step.status = StepRunStatus.SKIPPED
         step.command_id = ""

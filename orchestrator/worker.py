@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -55,6 +55,14 @@ def runs_claim(*, owner: str, limit: int, now: datetime | None = None) -> list[C
     return claims
 
 
+def run_set_aside(claim: Claim, exc: BaseException) -> None:
+    """A run whose transition raised: looked at again in a minute, the error shown."""
+    SagaRun.objects.filter(pk=claim.pk, lease_token=claim.token).update(
+        next_run_at=timezone.now() + timedelta(minutes=1),
+        waiting=f"error, retried in a minute: {type(exc).__name__}: {exc}"[:300],
+    )
+
+
 def claim_release(claim: Claim) -> None:
     SagaRun.objects.filter(pk=claim.pk, lease_token=claim.token, lease_owner=claim.owner).update(
         lease_owner="", lease_until=None
@@ -79,6 +87,11 @@ class Worker:
                     transitions += 1
                     if not run_advance(claim):
                         break
+            except DatabaseError:
+                raise
+            except Exception as exc:  # one bad run (an undefined type, a bug) must not stop us
+                log.exception("orchestrator: run %s failed; retried in a minute", claim.pk)
+                run_set_aside(claim, exc)
             finally:
                 claim_release(claim)
         return transitions

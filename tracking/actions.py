@@ -31,6 +31,7 @@ from django.utils import timezone
 
 import outbox
 from orchestrator import hooks
+from orchestrator.context import idempotency_key
 from orchestrator.engine import COMMANDS_TOPIC
 from orchestrator.models import SagaRun
 from tracking.live import notify_sagas_changed
@@ -45,6 +46,7 @@ from tracking.models import (
     StepStatus,
     TelemetryEvent,
 )
+from tracking.protocol import REDACTED
 from tracking.roles import user_role
 
 REASON_MAX = 2000
@@ -145,11 +147,22 @@ class Action:
                 run_hook()
             except hooks.Refused as exc:
                 raise ActionError(409, exc.field, exc.reason) from None
+            except LookupError as exc:  # e.g. a saga type this process does not define
+                raise ActionError(409, "saga_type", str(exc)) from None
             record.orchestrated = True
             record.status = ActionStatus.DONE
             record.finished_at = now
             return
         _command_send(target, inp, record, self.name, now)
+
+
+def _orchestrated_running(target: Target, what: str) -> None:
+    """The orchestrator retries and skips steps of running runs only (a failed run:
+    compensate or restart it)."""
+    if target.run is not None and target.run.status != "running":
+        raise ActionError(
+            409, "status", f"cannot {what} an orchestrated saga that is {target.run.status}"
+        )
 
 
 def _refuse(status: str, allowed: tuple[str, ...], what: str) -> None:
@@ -164,12 +177,14 @@ class RetryStep(Action):
     statuses, verb = (SagaStatus.RUNNING, SagaStatus.FAILED), "retry a step of"
 
     def allowed(self, target: Target, inp: ActionInput) -> None:
+        _orchestrated_running(target, "retry a step of")
         step = target.steps[self.step_of(target, inp)]
         if target.run is None and step.status not in FAILED_STEP:
             raise ActionError(409, "step", f"step {step.name} is {step.status}, not failed")
 
     def hook(self, target: Target, inp: ActionInput) -> Callable[[], Any]:
-        return lambda: hooks.run_retry_step(saga_id=target.saga.saga_id)
+        step = inp.step
+        return lambda: hooks.run_retry_step(saga_id=target.saga.saga_id, step=step)
 
 
 class RetryCompensation(Action):
@@ -192,8 +207,12 @@ class SkipStep(Action):
     name, label, needs_step = "skip_step", "Skip step", True
     statuses, verb = (SagaStatus.RUNNING, SagaStatus.FAILED), "skip a step of"
 
+    def allowed(self, target: Target, inp: ActionInput) -> None:
+        _orchestrated_running(target, "skip a step of")
+
     def hook(self, target: Target, inp: ActionInput) -> Callable[[], Any]:
-        return lambda: hooks.run_skip_step(saga_id=target.saga.saga_id)
+        step = inp.step
+        return lambda: hooks.run_skip_step(saga_id=target.saga.saga_id, step=step)
 
 
 class Cancel(Action):
@@ -252,7 +271,20 @@ class Rerun(Action):
 
     def hook(self, target: Target, inp: ActionInput) -> Callable[[], Any]:
         step = self.step_of(target, inp)
-        return lambda: hooks.run_rerun_from(saga_id=target.saga.saga_id, step=step, data=inp.data)
+        data = inp.data
+        if data is not None and target.run is not None:
+            data = unredacted(data, target.run.data)
+        return lambda: hooks.run_rerun_from(saga_id=target.saga.saga_id, step=step, data=data)
+
+
+def unredacted(edited: Any, stored: Any) -> Any:
+    """Edited data with the redaction marker put back to the stored value it stands for
+    (pages and the API show secrets as ``[redacted]``; editing must not overwrite them)."""
+    if edited == REDACTED:
+        return stored
+    if isinstance(edited, dict) and isinstance(stored, dict):
+        return {k: unredacted(v, stored.get(k)) if k in stored else v for k, v in edited.items()}
+    return edited
 
 
 class Restart(Action):
@@ -327,7 +359,9 @@ def _command_send(
             "saga_type": target.saga.saga_type,
             "step": step,
             "attempt": attempt,
-            "idempotency_key": f"{target.saga.saga_id}:{step or action}:op{epoch}",
+            "idempotency_key": idempotency_key(
+                target.saga.saga_id, f"{step or '-'}:{action}", epoch
+            ),
             "epoch": epoch,
             "reason": inp.reason,
             "requested_by": record.actor,

@@ -178,7 +178,7 @@ def _item_run(job: BulkJob, item: BulkItem) -> None:
     try:
         if user is None:
             raise ActionError(403, "role", f"the job's user {job.actor} no longer exists")
-        answer = saga_action_run(
+        answer = _action_run(
             ActionInput(
                 action=job.action,
                 saga_id=item.saga_id,
@@ -194,7 +194,28 @@ def _item_run(job: BulkJob, item: BulkItem) -> None:
         item.status = "failed"
         item.result = {"status": exc.status, "field": exc.field, "message": exc.message}
         BulkJob.objects.filter(pk=job.pk).update(failed=F("failed") + 1)
+    except Exception as exc:  # one saga's error is its result, not the job's end
+        log.exception("bulk job %s: saga %s failed", job.pk, item.saga_id)
+        item.status = "failed"
+        item.result = {"status": 500, "field": "", "message": f"{type(exc).__name__}: {exc}"}
+        BulkJob.objects.filter(pk=job.pk).update(failed=F("failed") + 1)
     item.save(update_fields=["status", "result"])
+
+
+def _action_run(inp: ActionInput) -> dict[str, Any]:
+    """One item's action in a savepoint: an unexpected error is rolled back alone (the
+    job's transaction stays usable); a refusal keeps its audit row."""
+    savepoint = transaction.savepoint()
+    try:
+        answer = saga_action_run(inp)
+    except ActionError:
+        transaction.savepoint_commit(savepoint)
+        raise
+    except Exception:
+        transaction.savepoint_rollback(savepoint)
+        raise
+    transaction.savepoint_commit(savepoint)
+    return answer
 
 
 def bulk_loop(stop: threading.Event, *, poll: float = 1.0) -> None:
@@ -206,4 +227,7 @@ def bulk_loop(stop: threading.Event, *, poll: float = 1.0) -> None:
         except DatabaseError as exc:
             log.warning("bulk actions: round failed, retrying: %s", exc)
             connections.close_all()
+            stop.wait(poll)
+        except Exception:
+            log.exception("bulk actions: round failed, retrying")
             stop.wait(poll)

@@ -242,4 +242,6 @@ def detect_loop(
         except DatabaseError as exc:
             log.warning("detector: pass failed, next one retries: %s", exc)
             connections.close_all()
+        except Exception:  # a bug must not stop detection for good
+            log.exception("detector: pass failed, next one retries")
         stop.wait(interval)

@@ -180,6 +180,7 @@ def incident_acknowledge(*, incident_id: int, user: str, note: str = "") -> Inci
             raise IncidentRefused("status", "the incident is resolved already")
         if incident.status == IncidentStatus.ACKNOWLEDGED:
             return incident
+        before = incident.status
         incident.status = IncidentStatus.ACKNOWLEDGED
         incident.acknowledged_at = timezone.now()
         incident.acknowledged_by = user
@@ -188,7 +189,7 @@ def incident_acknowledge(*, incident_id: int, user: str, note: str = "") -> Inci
             update_fields=["status", "acknowledged_at", "acknowledged_by", "acknowledge_note"]
         )
         _saga_touched(incident.saga)
-        _audit(incident, "acknowledge_incident", user, note)
+        _audit(incident, "acknowledge_incident", user, note, before)
         alert_publish(incident, "acknowledged")
     return incident
 
@@ -200,18 +201,19 @@ def incident_resolve(*, incident_id: int, user: str, note: str) -> Incident:
         incident = _locked(incident_id)
         if incident.is_resolved:
             raise IncidentRefused("status", "the incident is resolved already")
+        before = incident.status
         incident_close(incident, at=timezone.now(), by=user, resolution="operator", note=note)
         incident.save()
         saga = incident.saga
         kinds = [k for k in split_delimited(saga.open_incidents) if k != incident.kind]
         Saga.objects.filter(pk=saga.pk).update(open_incidents=join_delimited(kinds))
         _saga_touched(saga)
-        _audit(incident, "resolve_incident", user, note)
+        _audit(incident, "resolve_incident", user, note, before)
         alert_publish(incident, "resolved")
     return incident
 
 
-def _audit(incident: Incident, action: str, user: str, note: str) -> None:
+def _audit(incident: Incident, action: str, user: str, note: str, before: str) -> None:
     """Operators' incident changes go to the audit log like every action."""
     AuditEntry.objects.create(
         actor=user,
@@ -221,7 +223,7 @@ def _audit(incident: Incident, action: str, user: str, note: str) -> None:
         reason=note,
         outcome="done",
         detail=f"incident {incident.pk} ({incident.kind})",
-        state_before={"incident": incident.kind, "status": "open"},
+        state_before={"incident": incident.kind, "status": before},
         state_after={"incident": incident.kind, "status": incident.status},
     )
 

@@ -7,6 +7,7 @@ the same whichever way it was reported.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,7 @@ from tracking.protocol import (
 )
 from tracking.read_model import read_model_create, read_model_refold, stored_events_get
 
+log = logging.getLogger(__name__)
 ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
 
 
@@ -150,7 +152,7 @@ def events_ingest(
                 if v.event.attributes.get("command_id") and results[v.index].status == ACCEPTED
             ]
             if answers:
-                transaction.on_commit(lambda: command_answers_forward(answers))
+                transaction.on_commit(lambda: command_answers_forward(answers), robust=True)
     return IngestResult([results[i] for i in range(len(raws))], changed)
 
 
@@ -177,9 +179,12 @@ def command_answers_forward(events: list[EventV1]) -> None:
     for e in events:
         command_id = str(e.attributes["command_id"])
         error = msgspec.to_builtins(e.error) if e.error is not None else None
-        if e.type in REPLY_EVENT_TYPES:
-            step_reply(command_id=command_id, ok=e.type.endswith(".succeeded"), error=error)
-        action_progress(command_id=command_id, event_type=e.type, error=error)
+        try:
+            if e.type in REPLY_EVENT_TYPES:
+                step_reply(command_id=command_id, ok=e.type.endswith(".succeeded"), error=error)
+            action_progress(command_id=command_id, event_type=e.type, error=error)
+        except Exception:  # the events are stored; a remote step falls back on its timeout
+            log.exception("ingest: could not forward the answer to command %s", command_id)
 
 
 @dataclass(frozen=True, slots=True)

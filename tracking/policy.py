@@ -266,8 +266,11 @@ def saga_type_update(*, name: str, changes: dict[str, Any], user: str) -> SagaTy
         row.updated_at = timezone.now()
         row.updated_by = user
         row.save()
-        Saga.objects.filter(saga_type=name).exclude(
+        open_sagas = Saga.objects.filter(saga_type=name).exclude(
             status__in=[SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.CANCELLED]
-        ).update(watch_at=row.updated_at)
+        )
+        # lock them in saga-id order, the order ingest locks in (no deadlock), then mark
+        pks = list(open_sagas.select_for_update().order_by("saga_id").values_list("pk", flat=True))
+        Saga.objects.filter(pk__in=pks).update(watch_at=row.updated_at)
     policy_invalidate()
     return row

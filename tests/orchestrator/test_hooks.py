@@ -166,3 +166,23 @@ def test_rerun_from_a_step_with_edited_data() -> None:
     ]
     with pytest.raises(Refused, match="cannot rerun a saga that is completed"):
         run_rerun_from(saga_id="h-9", step="create_order")
+
+
+def test_retry_and_skip_refuse_a_step_other_than_the_current_one() -> None:
+    sagas.SCRIPT["forward:charge_payment"] = ["fail"]
+    saga_start(saga_type="test-slow-retry", saga_id="h-10")
+    Worker().drain()
+    with pytest.raises(Refused, match="the step to skip now is charge_payment, not create_order"):
+        run_skip_step(saga_id="h-10", step="create_order")
+    run_retry_step(saga_id="h-10", step="charge_payment")
+    Worker().drain()
+    assert run("h-10").status == "completed"
+
+
+def test_a_run_that_cannot_be_advanced_is_set_aside_not_fatal() -> None:
+    saga_start(saga_type="test-order", saga_id="h-11")
+    SagaRun.objects.filter(saga_id="h-11").update(saga_type="no-such-type")
+    assert Worker().run_once() == 1  # it tried once, logged, and went on
+    parked = run("h-11")
+    assert parked.waiting.startswith("error, retried in a minute: UnknownSagaType")
+    assert parked.lease_owner == "" and parked.next_run_at is not None

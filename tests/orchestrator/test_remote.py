@@ -165,3 +165,25 @@ def test_tcc_participants_roll_back_when_the_saga_compensates() -> None:
     assert StepRun.objects.get(name="hold_seat").tx_state == "rolled_back"
     assert TelemetryEvent.objects.filter(saga_id="t-2", type="tx.rolled_back").count() == 1
     assert not TelemetryEvent.objects.filter(saga_id="t-2", type="tx.committed").exists()
+
+
+def test_a_step_whose_command_was_never_answered_is_undone_too() -> None:
+    """Nobody knows whether the service did the work: compensation sends its undo."""
+    saga_start(saga_type="test-remote", saga_id="r-6")
+    Worker().drain()
+    for _ in range(10):  # every attempt times out (and each retry is sent again)
+        if charge().status != "running":
+            break
+        later = charge().deadline + timedelta(seconds=1)
+        for _ in range(2):  # the timeout, then the retry due at that moment
+            for claim in runs_claim(owner="w", limit=5, now=later):
+                while run_advance(claim, now=later):
+                    pass
+                claim_release(claim)
+    assert charge().attempt == 3
+    assert charge().status == "compensating"
+    undo = commands()[-1]
+    assert (undo["type"], undo["step"]) == ("payment.undo_charge", "charge_payment")
+    assert step_reply(command_id=undo["command_id"], ok=True)
+    Worker().drain()
+    assert SagaRun.objects.get().status == "compensated"

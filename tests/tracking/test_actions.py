@@ -92,7 +92,7 @@ def test_an_external_saga_gets_a_command_and_its_progress_follows_telemetry() ->
         "customer called",
     )
     assert command["command_id"] == answer["command_id"]
-    assert command["idempotency_key"] == "ext-1:charge:op1" and command["epoch"] == 1
+    assert command["idempotency_key"] == "ext-1:charge:retry_step:1" and command["epoch"] == 1
     assert Saga.objects.get(saga_id="ext-1").version == answer["version"] == saga.version + 1
     [entry] = AuditEntry.objects.all()
     assert (entry.action, entry.outcome, entry.reason, entry.role) == (
@@ -298,3 +298,16 @@ def test_a_finished_saga_is_refused_for_its_state_before_its_step() -> None:
         with pytest.raises(ActionError, match="a saga that is completed") as caught:
             act(action, saga, user("operator"))
         assert caught.value.field == "status"
+
+
+def test_an_edited_rerun_keeps_the_secrets_it_was_shown_redacted() -> None:
+    from tracking.actions import unredacted
+
+    stored = {"amount": 10, "card_number": "4111111111111111", "nested": {"token": "t-1", "n": 1}}
+    edited = {"amount": 12, "card_number": "[redacted]", "nested": {"token": "[redacted]", "n": 2}}
+    assert unredacted(edited, stored) == {
+        "amount": 12,
+        "card_number": "4111111111111111",
+        "nested": {"token": "t-1", "n": 2},
+    }
+    assert unredacted({"new": "[redacted]"}, stored) == {"new": "[redacted]"}  # nothing to restore

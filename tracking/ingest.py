@@ -28,6 +28,7 @@ from tracking.protocol import (
     decode_event,
     normalise_times,
     redact,
+    redact_keys,
 )
 from tracking.read_model import read_model_create, read_model_refold, stored_events_get
 
@@ -73,7 +74,7 @@ def _validate(
     raws: Sequence[msgspec.Raw | bytes], service: Service
 ) -> tuple[list[_Valid], dict[int, EventResult]]:
     cfg = settings.SAGAADMIN
-    redact_keys = frozenset(k.lower() for k in cfg["PAYLOAD_REDACT_KEYS"])
+    secret_keys = redact_keys()
     valid: list[_Valid] = []
     results: dict[int, EventResult] = {}
     seen: dict[str, _Valid] = {}
@@ -90,13 +91,13 @@ def _validate(
                 event.payload,
                 max_bytes=cfg["PAYLOAD_MAX_BYTES"],
                 max_depth=cfg["PAYLOAD_MAX_DEPTH"],
-                redact_keys=redact_keys,
+                redact_keys=secret_keys,
             )
             # attributes are searchable business keys (flat scalars): a secret never
             # belongs there; most events have none to redact, so look before copying
             attributes = event.attributes
-            if any(k.lower() in redact_keys for k in attributes):
-                attributes = redact(attributes, redact_keys)
+            if any(k.lower() in secret_keys for k in attributes):
+                attributes = redact(attributes, secret_keys)
             event = msgspec.structs.replace(
                 normalise_times(event), service=service.name, payload=payload, attributes=attributes
             )

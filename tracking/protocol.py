@@ -240,6 +240,18 @@ def payload_depth(value: Any) -> int:
     return deepest
 
 
+def redact_keys() -> frozenset[str]:
+    """``SAGAADMIN_PAYLOAD_REDACT_KEYS``, lower-cased: the keys whose values are secrets."""
+    from django.conf import settings
+
+    return frozenset(k.lower() for k in settings.SAGAADMIN["PAYLOAD_REDACT_KEYS"])
+
+
+def redacted(value: Any) -> Any:
+    """``value`` with the configured secret keys' values replaced (pages and the API)."""
+    return redact(value, redact_keys())
+
+
 def redact(value: Any, keys: frozenset[str]) -> Any:
     if isinstance(value, dict):
         return {k: (REDACTED if k.lower() in keys else redact(v, keys)) for k, v in value.items()}

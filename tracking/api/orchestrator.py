@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 from django.http import HttpResponse
 from drf_spectacular.utils import extend_schema, inline_serializer
@@ -46,7 +45,7 @@ from tracking.api.serializers import (
     SagaStartSerializer,
 )
 from tracking.models import Saga
-from tracking.protocol import redact
+from tracking.protocol import redacted
 from tracking.roles import can_start_sagas
 
 PROBLEM = "application/problem+json"
@@ -112,11 +111,6 @@ class RunSummary:
     created_at: datetime
 
 
-def _redacted(value: Any) -> Any:
-    keys = frozenset(k.lower() for k in settings.SAGAADMIN["PAYLOAD_REDACT_KEYS"])
-    return redact(value, keys)
-
-
 def _run_state(run: SagaRun, steps: list[StepRun]) -> RunState:
     try:
         definition = definition_get(run.saga_type)
@@ -136,9 +130,9 @@ def _run_state(run: SagaRun, steps: list[StepRun]) -> RunState:
         next_run_at=run.next_run_at,
         lease_owner=run.lease_owner,
         lease_until=run.lease_until,
-        last_error=_redacted(run.last_error),
-        data=_redacted(run.data),
-        results=_redacted(run.results),
+        last_error=redacted(run.last_error),
+        data=redacted(run.data),
+        results=redacted(run.results),
         created_at=run.created_at,
         updated_at=run.updated_at,
         ended_at=run.ended_at,
@@ -159,7 +153,7 @@ def _run_state(run: SagaRun, steps: list[StepRun]) -> RunState:
                 deadline=s.deadline,
                 started_at=s.started_at,
                 ended_at=s.ended_at,
-                last_error=_redacted(s.last_error),
+                last_error=redacted(s.last_error),
             )
             for s in steps
         ),

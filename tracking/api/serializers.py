@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.urls import reverse
 from django.utils.dateparse import parse_datetime
 from drf_spectacular.types import OpenApiTypes
@@ -16,7 +15,7 @@ from rest_framework import serializers
 from orchestrator.models import Circuit
 from tracking.incidents import NOTE_MAX
 from tracking.models import AuditEntry, Incident, OperatorAction, Saga, Step, TelemetryEvent
-from tracking.protocol import redact
+from tracking.protocol import redacted
 from tracking.selectors import EventRow
 
 
@@ -472,8 +471,7 @@ class OperatorActionSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(OpenApiTypes.OBJECT)
     def get_data(self, record: OperatorAction) -> Any:
-        keys = frozenset(k.lower() for k in settings.SAGAADMIN["PAYLOAD_REDACT_KEYS"])
-        return redact(record.data, keys)
+        return redacted(record.data)
 
 
 class SagaActionsSerializer(serializers.Serializer):

@@ -50,7 +50,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy sagaadmin tracking orchestrator outbox
+	$(VENV)/bin/mypy sagaadmin tracking orchestrator outbox sagaclient
 
 test: lint typecheck
 	DJANGO_SETTINGS_MODULE=sagaadmin.settings.test $(PY) manage.py makemigrations --check --dry-run

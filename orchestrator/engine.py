@@ -86,7 +86,7 @@ def _lease() -> timedelta:
     return timedelta(seconds=settings.ORCHESTRATOR["LEASE_SECONDS"])
 
 
-def _json(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """``value`` as JSON data, or TypeError naming what is not."""
     try:
         return msgspec.json.decode(msgspec.json.encode(value))
@@ -117,7 +117,7 @@ def saga_start(*, saga_type: str, saga_id: str, data: dict[str, Any] | None = No
     if data is not None and not isinstance(data, dict):
         raise StartRefused("data", "a JSON object")
     try:
-        clean = _json(data or {})
+        clean = json_value(data or {})
     except TypeError as exc:
         raise StartRefused("data", str(exc)) from None
     now = timezone.now()
@@ -177,11 +177,11 @@ def run_advance(claim: Claim, *, now: datetime | None = None) -> bool:
             return False
         definition = definition_get(run.saga_type)
         steps = list(StepRun.objects.filter(run=run).order_by("position"))
-        before = _snapshot(steps)
+        before = steps_snapshot(steps)
         tel = Telemetry(run, definition.service)
         again = _transition(run, definition, steps, tel, now)
         run.lease_until = timezone.now() + _lease()  # still working on it
-        _save(run, steps, before, tel)
+        transition_save(run, steps, before, tel)
         fault("after-transition-before-commit")
     fault("after-transition")
     return again and not run.is_terminal
@@ -203,11 +203,11 @@ STEP_FIELDS = (
 )
 
 
-def _snapshot(steps: list[StepRun]) -> dict[int, tuple[Any, ...]]:
+def steps_snapshot(steps: list[StepRun]) -> dict[int, tuple[Any, ...]]:
     return {s.pk: tuple(getattr(s, f) for f in STEP_FIELDS) for s in steps}
 
 
-def _save(
+def transition_save(
     run: SagaRun, steps: list[StepRun], before: dict[int, tuple[Any, ...]], tel: Telemetry
 ) -> None:
     """Write the run, the steps the transition changed (usually one), then report."""
@@ -303,7 +303,7 @@ def _call(
     savepoint = transaction.savepoint()
     started = time.monotonic()
     try:
-        result = _json(action(ctx))
+        result = json_value(action(ctx))
         fault("after-action")
         elapsed = time.monotonic() - started
         if elapsed > timeout:
@@ -571,13 +571,15 @@ def step_reply(
     Fencing: the step must still be waiting for exactly this command id (a
     reply to an earlier attempt or epoch names another one).
     """
+    if not command_id:
+        return False
     run_pk = StepRun.objects.filter(command_id=command_id).values_list("run_id", flat=True).first()
-    if run_pk is None or not command_id:
+    if run_pk is None:
         return False
     with transaction.atomic():
         run = SagaRun.objects.select_for_update().get(pk=run_pk)
         steps = list(StepRun.objects.filter(run=run).order_by("position"))
-        before = _snapshot(steps)
+        before = steps_snapshot(steps)
         step = next((s for s in steps if s.command_id == command_id), None)
         if step is None or run.is_terminal:
             return False
@@ -590,7 +592,7 @@ def step_reply(
         if step.status == StepRunStatus.RUNNING:
             if ok:
                 try:
-                    value = _json(result)
+                    value = json_value(result)
                 except TypeError:
                     value = None
                 step.status = StepRunStatus.SUCCEEDED
@@ -613,7 +615,7 @@ def step_reply(
                 _undo_failed(run, spec, step, tel, now, error)
         else:
             return False
-        _save(run, steps, before, tel)
+        transition_save(run, steps, before, tel)
     return True
 
 

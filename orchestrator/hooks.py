@@ -20,11 +20,11 @@ from django.utils import timezone
 from orchestrator.definitions import definition_get
 from orchestrator.engine import (
     DONE,
-    _json,
-    _save,
-    _snapshot,
     compensation_begin,
     compensation_needed,
+    json_value,
+    steps_snapshot,
+    transition_save,
 )
 from orchestrator.models import RunStatus, SagaRun, StepRun, StepRunStatus
 from orchestrator.reporting import Telemetry
@@ -65,10 +65,10 @@ def _hook(saga_id: str, expected_version: int | None, change: Change) -> HookRes
                 field="version",
             )
         steps = list(StepRun.objects.filter(run=run).order_by("position"))
-        before = _snapshot(steps)
+        before = steps_snapshot(steps)
         tel = Telemetry(run, definition_get(run.saga_type).service)
         change(run, steps, tel)
-        _save(run, steps, before, tel)
+        transition_save(run, steps, before, tel)
         return HookResult(run.saga_id, run.version, run.status)
 
 
@@ -247,7 +247,7 @@ def run_rerun_from(
             if not isinstance(data, dict):
                 raise Refused("a JSON object", field="data")
             try:
-                run.data = _json(data)
+                run.data = json_value(data)
             except TypeError as exc:
                 raise Refused(str(exc), field="data") from None
         run.epoch += 1

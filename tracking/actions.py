@@ -34,6 +34,7 @@ from orchestrator import hooks
 from orchestrator.context import idempotency_key
 from orchestrator.engine import COMMANDS_TOPIC
 from orchestrator.models import SagaRun
+from tracking.detection import FAILED_STEP
 from tracking.live import notify_sagas_changed
 from tracking.models import (
     TERMINAL_SAGA_STATUSES,
@@ -43,14 +44,12 @@ from tracking.models import (
     Saga,
     SagaStatus,
     Step,
-    StepStatus,
     TelemetryEvent,
 )
 from tracking.protocol import REDACTED
 from tracking.roles import user_role
 
 REASON_MAX = 2000
-FAILED_STEP = (StepStatus.FAILED, StepStatus.TIMED_OUT)
 
 
 class ActionError(Exception):

@@ -181,9 +181,10 @@ def _csv(rows: list[list[Any]]) -> str:
 
 
 def _encode(fmt: str, entries: list[AuditEntry]) -> str:
+    rows = [audit_row(e) for e in entries]
     if fmt == "csv":
-        return _csv([[_cell(audit_row(e)[c]) for c in AUDIT_COLUMNS] for e in entries])
-    return "".join(json.dumps(audit_row(e), ensure_ascii=False) + "\n" for e in entries)
+        return _csv([[_cell(row[c]) for c in AUDIT_COLUMNS] for row in rows])
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def audit_export(*, filters: AuditFilter, fmt: str, asgi: bool) -> StreamingHttpResponse:

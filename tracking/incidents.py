@@ -206,8 +206,7 @@ def incident_resolve(*, incident_id: int, user: str, note: str) -> Incident:
         incident.save()
         saga = incident.saga
         kinds = [k for k in split_delimited(saga.open_incidents) if k != incident.kind]
-        Saga.objects.filter(pk=saga.pk).update(open_incidents=join_delimited(kinds))
-        _saga_touched(saga)
+        _saga_touched(saga, open_incidents=join_delimited(kinds))
         _audit(incident, "resolve_incident", user, note, before)
         alert_publish(incident, "resolved")
     return incident
@@ -228,10 +227,11 @@ def _audit(incident: Incident, action: str, user: str, note: str, before: str) -
     )
 
 
-def _saga_touched(saga: Saga) -> None:
-    """The saga's page shows its incidents: a new version makes open pages refresh it."""
+def _saga_touched(saga: Saga, **changes: str) -> None:
+    """The saga's page shows its incidents: a new version makes open pages refresh it
+    (``changes``: other columns written in the same UPDATE)."""
     saga.version += 1
-    Saga.objects.filter(pk=saga.pk).update(version=saga.version)
+    Saga.objects.filter(pk=saga.pk).update(version=saga.version, **changes)
     notify_sagas_changed(versions=[(saga.saga_id, saga.version)])
 
 

@@ -17,6 +17,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 python3 \
 
 help:
 	@echo "make run    - set up .venv, migrate, start the dashboard on http://$(HOST):$(PORT)"
+	@echo "make run DEMO=0 - the same without the demo services and their orders"
 	@echo "make test   - ruff, migrations check, mypy and the whole pytest suite"
 	@echo "make bench-ingest - ingest throughput against raw PostgreSQL"
 	@echo "make bench-queries - dashboard/API query times on 1M sagas against raw SQL"
@@ -37,12 +38,29 @@ venv: $(VENV)/.installed
 migrate: venv
 	$(PY) manage.py migrate --noinput
 
-# The web server, with the background worker (relay, detector, orchestrator) beside it.
+# The web server, the background worker (relay, detector, orchestrator) and, unless
+# DEMO=0, the example order-fulfilment services placing orders (manage.py demo).
+# With the in-process transport (the embedded default) the services run inside the
+# worker's process; with BROKER_URL set, each is a process of its own. Ctrl-C stops all.
+DEMO ?= 1
+DEMO_ARGS ?=
 run: migrate
 	@$(PY) manage.py ensure_admin
 	@echo "Dashboard: http://$(HOST):$(PORT)/   API docs: http://$(HOST):$(PORT)/api/v1/docs"
-	@$(PY) manage.py run_worker & worker=$$!; \
-	trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
+	@pids=(); start() { "$$@" & pids+=($$!); }; \
+	trap 'kill $${pids[@]} 2>/dev/null; wait $${pids[@]} 2>/dev/null' EXIT INT TERM; \
+	url=http://$(HOST):$(PORT); \
+	if [ "$(DEMO)" = 0 ]; then start $(PY) manage.py run_worker; \
+	elif [[ "$${BROKER_URL:-inprocess://}" == inprocess:* ]]; then \
+	  echo "Demo: order-fulfilment services and orders (make run DEMO=0 for none)"; \
+	  start $(PY) manage.py demo --url $$url $(DEMO_ARGS); \
+	else \
+	  echo "Demo: order-fulfilment services on $${BROKER_URL##*@} (make run DEMO=0 for none)"; \
+	  start $(PY) manage.py run_worker; \
+	  for s in order payment inventory shipping; do \
+	    start $(PY) manage.py demo --services $$s --no-traffic --worker no --url $$url; done; \
+	  start $(PY) manage.py demo --services none --worker no --url $$url $(DEMO_ARGS); \
+	fi; \
 	$(VENV)/bin/uvicorn sagaadmin.asgi:application --host $(HOST) --port $(PORT) --no-access-log
 
 lint: venv
@@ -50,7 +68,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy sagaadmin tracking orchestrator outbox sagaclient
+	$(VENV)/bin/mypy sagaadmin tracking orchestrator outbox sagaclient examples
 
 test: lint typecheck
 	DJANGO_SETTINGS_MODULE=sagaadmin.settings.test $(PY) manage.py makemigrations --check --dry-run

@@ -11,15 +11,14 @@ can instead report ``step.succeeded`` / ``step.failed`` telemetry with
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from typing import Any
 
 from django.conf import settings
 
 from orchestrator.engine import REPLIES_TOPIC, step_reply
-from outbox.inbox import Incoming, inbox_apply
+from outbox.consumers import run_consumer
+from outbox.inbox import Incoming
 from outbox.versions import message_type
 
 log = logging.getLogger(__name__)
@@ -56,53 +55,13 @@ def reply_handle(message: Incoming) -> None:
 
 def replies_consume(stop: threading.Event, url: str | None = None) -> None:
     """Consume ``sagaadmin.replies`` from the configured broker until ``stop``."""
-    url = url or settings.BROKER_URL
-    scheme = url.split(":", 1)[0]
-    kwargs: dict[str, Any] = {
-        "consumer": CONSUMER,
-        "topic": REPLIES_TOPIC,
-        "handler": reply_handle,
-        "stop": stop,
-    }
-    if scheme in ("amqp", "amqps"):
-        from outbox.consumers import run_rabbitmq_consumer
-
-        run_rabbitmq_consumer(url, **kwargs)
-    elif scheme in ("redis", "rediss"):
-        from outbox.consumers import run_redis_consumer
-
-        run_redis_consumer(url, **kwargs)
-    elif scheme == "nats":
-        from outbox.consumers import run_nats_consumer
-
-        run_nats_consumer(url, **kwargs)
-    elif scheme == "inprocess":
-        from outbox.transports.inprocess import subscribe
-
-        unsubscribe = subscribe(REPLIES_TOPIC, _inprocess_reply)
-        stop.wait()
-        unsubscribe()
-    else:
-        log.warning("orchestrator: no reply consumer for %s; remote steps time out", scheme)
-
-
-def _inprocess_reply(message: Any) -> None:
-    from outbox.inbox import incoming
-
-    inbox_apply(
-        CONSUMER,
-        incoming(
-            id=str(message.id),
-            topic=message.topic,
-            key=message.key,
-            type=message.type,
-            version=message.version,
-            payload=_json(message.payload),
-            headers=message.headers,
-        ),
-        reply_handle,
-    )
-
-
-def _json(text: Any) -> Any:
-    return json.loads(text) if isinstance(text, str | bytes) else text
+    try:
+        run_consumer(
+            url or settings.BROKER_URL,
+            consumer=CONSUMER,
+            topic=REPLIES_TOPIC,
+            handler=reply_handle,
+            stop=stop,
+        )
+    except ValueError as exc:
+        log.warning("orchestrator: %s; remote steps time out", exc)

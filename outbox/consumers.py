@@ -75,7 +75,12 @@ def from_amqp(message: AbstractIncomingMessage) -> Incoming:
 
 def _apply(consumer: str, message: Incoming, handler: Callable[[Incoming], None]) -> bool:
     close_old_connections()  # a broken or expired connection is replaced, not reused
-    return inbox_apply(consumer, message, handler)
+    try:
+        return inbox_apply(consumer, message, handler)
+    finally:
+        # Back to the pool (CONN_MAX_AGE=0): an idle consumer holds no connection,
+        # so many consumers fit one process's pool.
+        close_old_connections()
 
 
 async def _consume(
@@ -685,3 +690,74 @@ def run_nats_consumer(
             retry_delay=retry_delay,
         )
     )
+
+
+def run_inprocess_consumer(
+    *,
+    consumer: str,
+    topic: str,
+    handler: Callable[[Incoming], None],
+    stop: threading.Event,
+) -> None:
+    """The embedded default: apply each message the in-process transport delivers on ``topic``.
+
+    The relay of this process calls the handler (through the inbox) while it
+    publishes; a handler that raises fails the publish, so the relay retries
+    the message with its backoff.
+    """
+    from outbox.transports.inprocess import subscribe
+
+    def deliver(message: Any) -> None:
+        payload = message.payload
+        # inbox_apply, not _apply: this runs in the relay's thread, whose
+        # connection must not be closed under it.
+        inbox_apply(
+            consumer,
+            incoming(
+                id=str(message.id),
+                topic=message.topic,
+                key=message.key,
+                type=message.type,
+                version=message.version,
+                payload=json.loads(payload) if isinstance(payload, str | bytes) else payload,
+                headers=message.headers,
+            ),
+            handler,
+        )
+
+    unsubscribe = subscribe(topic, deliver)
+    try:
+        stop.wait()
+    finally:
+        unsubscribe()
+
+
+def run_consumer(
+    url: str,
+    *,
+    consumer: str,
+    topic: str,
+    handler: Callable[[Incoming], None],
+    stop: threading.Event,
+    types: str = "#",
+) -> None:
+    """Consume ``topic`` from the broker ``url`` names (``BROKER_URL``'s schemes) until ``stop``.
+
+    ``types``: which message types to take, as a RabbitMQ binding pattern
+    (``payment.#``); on RabbitMQ the broker filters, on NATS the subject, on
+    Redis and in-process every message of the topic arrives (filter in the
+    handler).
+    """
+    scheme = url.split(":", 1)[0]
+    kwargs: dict[str, Any] = {"consumer": consumer, "topic": topic, "handler": handler}
+    if scheme in ("amqp", "amqps"):
+        run_rabbitmq_consumer(url, stop=stop, binding=types, **kwargs)
+    elif scheme in ("redis", "rediss"):
+        run_redis_consumer(url, stop=stop, **kwargs)
+    elif scheme in ("nats", "tls"):
+        subject = f"{topic}.>" if types == "#" else f"{topic}.{types.replace('#', '>')}"
+        run_nats_consumer(url, stop=stop, subject=subject, **kwargs)
+    elif scheme == "inprocess":
+        run_inprocess_consumer(stop=stop, **kwargs)
+    else:
+        raise ValueError(f"no consumer for {scheme}:// (amqp, redis, nats or inprocess)")

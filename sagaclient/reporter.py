@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
@@ -27,8 +27,8 @@ log = logging.getLogger("sagaclient")
 RETRYABLE_STATUSES = (429, 500, 502, 503, 504)
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 class Reporter:
@@ -47,6 +47,7 @@ class Reporter:
         max_backoff: float = 30.0,
         spool_path: str | None = None,
         start: bool = True,
+        clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError("url: Saga Admin's http:// or https:// base URL")
@@ -59,6 +60,7 @@ class Reporter:
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.spool_path = spool_path
+        self.clock = clock  # the time stamped on each event (timezone-aware)
         self.stats = {"sent": 0, "retried": 0, "spooled": 0, "dropped": 0, "refused": 0}
         self._queue: deque[dict[str, Any]] = deque()
         self._inflight = 0
@@ -84,7 +86,7 @@ class Reporter:
                 "id": event_id,
                 "saga_id": saga_id,
                 "type": type,
-                "occurred_at": _now(),
+                "occurred_at": self.clock().isoformat(),
                 "sequence": sequence,
             }
             if self.service:

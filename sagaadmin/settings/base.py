@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "tracking",
     "orchestrator",
     "outbox",
+    "examples.order_fulfilment",  # the demo services' tables (manage.py demo)
 ]
 
 MIDDLEWARE = [
@@ -188,6 +189,8 @@ SPECTACULAR_SETTINGS = {
 # --- outbox and broker ----------------------------------------------------
 # inprocess:// (embedded default: handlers in this process) or amqp://user:pass@host/vhost
 BROKER_URL = env.str("BROKER_URL", default="inprocess://")
+# manage.py demo: the failures it injects (examples/order_fulfilment/faults.py); empty: its default.
+SAGAADMIN_DEMO_MIX = env.str("SAGAADMIN_DEMO_MIX", default="")
 OUTBOX = {
     "BATCH_SIZE": env.int("OUTBOX_BATCH_SIZE", default=500),
     # after this many failed attempts a message is dead (kept for an operator)

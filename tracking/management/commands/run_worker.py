@@ -46,17 +46,20 @@ class Command(BaseCommand):
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        self.serve(stop, housekeeping_seconds=options["housekeeping_seconds"])
+
+    def serve(self, stop: threading.Event, *, housekeeping_seconds: float = 60.0) -> None:
+        """Run every loop until ``stop`` is set (``manage.py demo`` calls this too)."""
         transport = transport_from_url(settings.BROKER_URL)
-        relay = threading.Thread(target=self._relay, args=(transport, stop), name="relay")
-        relay.start()
-        detector = threading.Thread(target=self._detector, args=(stop,), name="detector")
-        detector.start()
-        orchestrator = threading.Thread(target=worker_run, args=(stop,), name="orchestrator")
-        orchestrator.start()
-        replies = threading.Thread(target=self._replies, args=(stop,), name="replies")
-        replies.start()
-        bulk = threading.Thread(target=self._bulk, args=(stop,), name="bulk-actions")
-        bulk.start()
+        threads = [
+            threading.Thread(target=self._relay, args=(transport, stop), name="relay"),
+            threading.Thread(target=self._detector, args=(stop,), name="detector"),
+            threading.Thread(target=worker_run, args=(stop,), name="orchestrator"),
+            threading.Thread(target=self._replies, args=(stop,), name="replies"),
+            threading.Thread(target=self._bulk, args=(stop,), name="bulk-actions"),
+        ]
+        for thread in threads:
+            thread.start()
         self.stdout.write(
             f"worker: relay to {settings.BROKER_URL.split('@')[-1]}, detector, orchestrator, "
             "SIGTERM stops"
@@ -64,14 +67,11 @@ class Command(BaseCommand):
         try:
             while not stop.is_set():
                 self._housekeeping()
-                stop.wait(options["housekeeping_seconds"])
+                stop.wait(housekeeping_seconds)
         finally:
             stop.set()
-            relay.join()
-            detector.join()
-            orchestrator.join()
-            replies.join()
-            bulk.join()
+            for thread in threads:
+                thread.join()
             transport.close()
             self.stdout.write("worker: stopped")
 

@@ -65,7 +65,7 @@ class Reporter:
         self._queue: deque[dict[str, Any]] = deque()
         self._inflight = 0
         self._lock = threading.Condition()
-        self._sequences: dict[str, int] = {}
+        self._sequence = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._load_spool()
@@ -80,8 +80,12 @@ class Reporter:
         event_id = uuid.uuid4().hex
         try:
             with self._lock:
-                sequence = self._sequences.get(saga_id, -1) + 1
-                self._sequences[saga_id] = sequence
+                # Microseconds since the epoch, kept strictly increasing: in order
+                # within this reporter, and across its restarts and the other
+                # processes of the same service on this clock — with no per-saga
+                # state to grow.
+                sequence = max(self._sequence + 1, time.time_ns() // 1000)
+                self._sequence = sequence
             body: dict[str, Any] = {
                 "id": event_id,
                 "saga_id": saga_id,

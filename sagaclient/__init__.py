@@ -11,9 +11,9 @@
 
 Reporting never blocks or raises into your code: events go to a bounded queue
 that a background thread sends in batches, retrying with backoff on network
-errors, 429 and 503 (honouring ``Retry-After``); with ``spool_path`` set, what
+errors, 429, 500, 502, 503 and 504 (honouring ``Retry-After``); with ``spool_path`` set, what
 cannot be queued or sent by ``close()`` is kept in a file and sent after a
-restart. See docs/sagaclient.md.
+restart. See docs/client.md.
 """
 
 from sagaclient.reporter import Reporter, SagaScope

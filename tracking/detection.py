@@ -159,7 +159,7 @@ def compensation_failed(f: Facts) -> Finding | None:
         evidence.append(reported)
     names = ", ".join(s.name for s in failed_steps)
     reason = (
-        f"compensation of {names} failed and did not succeed since"
+        f"compensation of {names} failed and has not succeeded on a retry"
         if failed_steps
         else "the saga reported saga.compensation_failed"
     )

@@ -4,7 +4,8 @@ Each service consumes two topics with the outbox's consumer runners (every
 message applied once through the inbox): ``shop.events`` (the choreography)
 and ``sagaadmin.commands`` (only its own ``<service>.*`` commands). With the
 in-process transport the relay of the same process delivers them, so the
-services must live in the worker's process (docs/decisions/0013-demo-services.md).
+services must live in the worker's process
+(docs/decisions/0013-demo-services-in-saga-admins-processes.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Each service's own rows. In production every service has its own database;
-the demo keeps the four in Saga Admin's (docs/decisions/0013-demo-services.md)."""
+the demo keeps the four in Saga Admin's
+(docs/decisions/0013-demo-services-in-saga-admins-processes.md)."""
 
 from __future__ import annotations
 

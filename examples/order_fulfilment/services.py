@@ -388,9 +388,6 @@ class PaymentService(Service):
         if command.get("step") == "charge_payment":
             self.charge(order, first_try=False, command=command)
 
-    def command_retry_compensation(self, order: dict[str, Any], command: dict[str, Any]) -> None:
-        self.refund(order, first_try=False, command=command)
-
     def command_skip_step(self, order: dict[str, Any], command: dict[str, Any]) -> None:
         oid, fields = order["order_id"], _step_fields(command)
         fields.pop("idempotency_key", None)
@@ -596,6 +593,13 @@ class ShippingService(Service):
         if hits(data.get("faults"), "hang", first_try=first_try):
             return NO_REPLY
         return {"shipment_id": _ship(command["saga_id"]).pk}
+
+    def step_undo_create_shipment(
+        self, data: dict[str, Any], command: dict[str, Any], first_try: bool
+    ) -> Any:
+        """An operator compensates an orchestrated saga at its last step: cancel the booking."""
+        cancelled, _ = Shipment.objects.filter(order_id=command["saga_id"]).delete()
+        return {"cancelled": bool(cancelled)}
 
 
 def _ship(order_id: str) -> Shipment:

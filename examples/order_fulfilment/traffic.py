@@ -99,7 +99,7 @@ class Traffic:
                 self._place(flavour, self.mix.order_fault())
                 n += 1
                 if n % 50 == 0:
-                    self.say(f"demo: {n} orders placed ({self._summary()})")
+                    self.say(f"demo: {self.placed.total()} orders placed ({self._summary()})")
                 stop.wait(max(0.0, started + n / self.rate - time.monotonic()))
             self.say(f"demo: done placing orders ({self._summary()})")
         finally:

@@ -32,5 +32,5 @@ if settings.SAGAADMIN["INGEST_FASTPATH"]:
 application = BodyLimitMiddleware(
     router,
     limit=settings.SAGAADMIN["INGEST_MAX_BODY_BYTES"],
-    prefixes=("/api/",),
+    prefixes=("/api/", "/v1/"),
 )

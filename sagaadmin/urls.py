@@ -9,6 +9,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from sagaadmin.health import healthz, readyz
 from sagaadmin.problems import problem_response
+from tracking.api.otlp import otlp_traces_view
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
@@ -17,6 +18,8 @@ urlpatterns = [
     path("api/v1/schema", SpectacularAPIView.as_view(), name="schema"),
     path("api/v1/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/v1/", include("tracking.api.urls")),
+    # a standard OTLP/HTTP exporter needs only the base URL: <base>/v1/traces
+    path("v1/traces", otlp_traces_view, name="otlp-traces-root"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("", include("tracking.urls")),

@@ -236,6 +236,9 @@ SAGAADMIN = {
     # A reporter clock further than this from the server's receive time is flagged.
     "CLOCK_SKEW_SECONDS": env.float("SAGAADMIN_CLOCK_SKEW_SECONDS", default=30.0),
     "RETRY_AFTER_SECONDS": env.int("SAGAADMIN_RETRY_AFTER_SECONDS", default=5),
+    # OTLP receiver: most bytes after decompression, most spans per request
+    "OTLP_MAX_BYTES": env.int("SAGAADMIN_OTLP_MAX_BYTES", default=8 * 1024 * 1024),
+    "OTLP_MAX_SPANS": env.int("SAGAADMIN_OTLP_MAX_SPANS", default=10_000),
     # ASGI: serve POST /api/v1/events from the group-committing fast path.
     "INGEST_FASTPATH": env.bool("SAGAADMIN_INGEST_FASTPATH", default=True),
     # How long the fast path trusts a looked-up service key (revocation delay).

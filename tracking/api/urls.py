@@ -30,12 +30,14 @@ from tracking.api.orchestrator import (
     RunDetailView,
     SagaStartView,
 )
+from tracking.api.otlp import otlp_traces_view
 from tracking.api.views import SagaDetailView, SagaEventsView, SagaListView
 
 # Names start with "api-": the dashboard (tracking/urls.py) has its own "saga-list" and
 # "saga-detail", and reverse() must find each one.
 urlpatterns = [
     path("events", events_view, name="events"),
+    path("otlp/v1/traces", otlp_traces_view, name="otlp-traces"),
     path("sagas", SagaListView.as_view(), name="api-saga-list"),
     re_path(r"^sagas/(?P<saga_id>.+)/events$", SagaEventsView.as_view(), name="api-saga-events"),
     re_path(

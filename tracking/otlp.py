@@ -1,0 +1,285 @@
+"""OTLP/HTTP traces as saga telemetry: decode an export request, map spans to protocol events.
+
+The receiver (``tracking/api/otlp.py``) calls :func:`request_decode`, then
+:func:`spans_map`, ingests the events with the REST endpoint's
+:func:`~tracking.ingest.events_ingest`, and answers with
+:func:`response_bytes` / :func:`status_bytes` in the request's encoding.
+
+Mapping (docs/opentelemetry.md has the table): a span with
+``sagaadmin.saga.id`` (or ``messaging.message.conversation_id``) is saga
+telemetry, anything else is counted and ignored:
+
+* with ``sagaadmin.step.name``: ``step.started`` at its start and
+  ``step.succeeded`` / ``step.failed`` (status ERROR; the ``exception``
+  event's type and message are the error) at its end —
+  ``compensation.*`` when ``sagaadmin.step.phase`` is ``compensation``;
+* a messaging span (``messaging.operation.type`` ``send`` / ``publish`` or
+  ``process`` / ``deliver`` / ``receive``): ``message.published`` /
+  ``message.consumed``;
+* any other: the saga's own span — ``saga.started`` at its start, at its end
+  ``sagaadmin.saga.outcome`` (``completed``, ``compensated``, ``failed``,
+  ``compensation_failed``, ``cancelled``) or else completed / failed by status.
+
+Event ids derive from the trace and span ids (``otel-<trace>-<span>-start``), so
+an exporter that retries a batch reports duplicates, never new events.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import zlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+ENCODINGS = (PROTOBUF, JSON)
+SAGA_ID_KEYS = ("sagaadmin.saga.id", "messaging.message.conversation_id")
+PUBLISH_OPERATIONS = frozenset({"send", "publish", "create"})
+CONSUME_OPERATIONS = frozenset({"process", "deliver", "receive"})
+OUTCOMES = {
+    "completed": "saga.completed",
+    "compensated": "saga.compensated",
+    "failed": "saga.failed",
+    "compensation_failed": "saga.compensation_failed",
+    "cancelled": "saga.cancelled",
+}
+# ids in OTLP/JSON are hex, where proto3 JSON would have base64 (the spec's difference)
+_ID_FIELDS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+
+
+class BadRequest(ValueError):
+    """The body cannot be decoded: 400 (with the reason)."""
+
+
+class TooLarge(ValueError):
+    """The body decompresses to more than allowed: 413."""
+
+
+def request_decode(
+    body: bytes, *, content_type: str, content_encoding: str, max_bytes: int
+) -> ExportTraceServiceRequest:
+    """Decompress (``gzip``/``deflate``, checked against ``max_bytes`` while inflating) and
+    parse the protobuf or JSON encoding. Raises :class:`BadRequest` or :class:`TooLarge`."""
+    encoding = content_encoding.strip().lower()
+    if encoding in ("gzip", "deflate"):
+        body = _inflate(body, max_bytes=max_bytes, gzip=encoding == "gzip")
+    elif encoding not in ("", "identity"):
+        raise BadRequest(f"Content-Encoding '{encoding}' is not supported (gzip or none)")
+    if len(body) > max_bytes:
+        raise TooLarge(f"the request is larger than {max_bytes} bytes")
+    request = ExportTraceServiceRequest()
+    if content_type == PROTOBUF:
+        try:
+            request.ParseFromString(body)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            raise BadRequest(f"not an OTLP protobuf ExportTraceServiceRequest: {exc}") from None
+        return request
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise BadRequest("an OTLP/JSON ExportTraceServiceRequest is an object")
+    try:
+        json_format.ParseDict(_hex_ids_to_base64(document), request, ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        raise BadRequest(f"not an OTLP/JSON ExportTraceServiceRequest: {exc}") from None
+    return request
+
+
+def _inflate(body: bytes, *, max_bytes: int, gzip: bool) -> bytes:
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"the body is not valid {'gzip' if gzip else 'deflate'}: {exc}") from None
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise TooLarge(f"the request decompresses to more than {max_bytes} bytes")
+    if not inflater.eof:
+        raise BadRequest(f"the {'gzip' if gzip else 'deflate'} body is truncated")
+    return out
+
+
+def _hex_ids_to_base64(node: Any) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key in _ID_FIELDS and isinstance(value, str):
+                try:
+                    value = base64.b64encode(bytes.fromhex(value)).decode()
+                except ValueError:
+                    raise BadRequest(f"{key}: '{value[:40]}' is not hex") from None
+            out[key] = _hex_ids_to_base64(value)
+        return out
+    if isinstance(node, list):
+        return [_hex_ids_to_base64(item) for item in node]
+    return node
+
+
+# -- mapping ------------------------------------------------------------------------------
+
+
+@dataclass
+class Mapped:
+    """The events of a request's saga spans; ``span_of[i]`` is the span index of event i."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    span_of: list[int] = field(default_factory=list)
+    span_ids: list[str] = field(default_factory=list)
+    spans: int = 0
+    ignored: int = 0  # no saga attributes
+    invalid: dict[int, str] = field(default_factory=dict)  # span index -> why
+
+
+def spans_map(request: ExportTraceServiceRequest) -> Mapped:
+    out = Mapped()
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                index = out.spans
+                out.spans += 1
+                out.span_ids.append(span.span_id.hex())
+                try:
+                    events = span_events(span)
+                except ValueError as exc:
+                    out.invalid[index] = str(exc)
+                    continue
+                if events is None:
+                    out.ignored += 1
+                    continue
+                out.events.extend(events)
+                out.span_of.extend([index] * len(events))
+    return out
+
+
+def span_events(span: Span) -> list[dict[str, Any]] | None:
+    """The protocol events of one span; None when it carries no saga id."""
+    attrs = {kv.key: any_value(kv.value) for kv in span.attributes}
+    saga_id = next((attrs[k] for k in SAGA_ID_KEYS if attrs.get(k) not in (None, "")), None)
+    if saga_id is None:
+        return None
+    if len(span.trace_id) != 16 or len(span.span_id) != 8:
+        raise ValueError("trace_id must be 16 bytes and span_id 8")
+    trace, span_id = span.trace_id.hex(), span.span_id.hex()
+    base: dict[str, Any] = {"saga_id": str(saga_id), "trace_id": trace, "span_id": span_id}
+    if attrs.get("sagaadmin.saga.type"):
+        base["saga_type"] = str(attrs["sagaadmin.saga.type"])
+    start, end = _time(span.start_time_unix_nano), _time(span.end_time_unix_nano)
+    failed = span.status.code == Status.STATUS_CODE_ERROR
+
+    def event(suffix: str, type: str, at: str, **fields: Any) -> dict[str, Any]:
+        return {"id": f"otel-{trace}-{span_id}-{suffix}", "type": type, "occurred_at": at,
+                **base, **fields}  # fmt: skip
+
+    step = attrs.get("sagaadmin.step.name")
+    operation = attrs.get("messaging.operation.type") or attrs.get("messaging.operation")
+    if step not in (None, ""):
+        phase = attrs.get("sagaadmin.step.phase", "forward")
+        if phase not in ("forward", "compensation"):
+            raise ValueError(f"sagaadmin.step.phase: 'forward' or 'compensation', not '{phase}'")
+        kind = "step" if phase == "forward" else "compensation"
+        try:
+            attempt = int(attrs.get("sagaadmin.step.attempt", 1))
+        except (TypeError, ValueError):
+            raise ValueError("sagaadmin.step.attempt: a whole number") from None
+        step_fields = {"step": str(step), "attempt": attempt}
+        events = [event("start", f"{kind}.started", start, **step_fields)]
+        if span.end_time_unix_nano:
+            if failed:
+                events.append(
+                    event("end", f"{kind}.failed", end, error=_error(span), **step_fields)
+                )
+            else:
+                events.append(event("end", f"{kind}.succeeded", end, **step_fields))
+        return events
+    if operation in PUBLISH_OPERATIONS or operation in CONSUME_OPERATIONS:
+        message = {
+            "name": str(attrs.get("messaging.destination.name") or span.name)[:200],
+            "id": str(attrs.get("messaging.message.id") or span_id)[:200],
+        }
+        type = "message.published" if operation in PUBLISH_OPERATIONS else "message.consumed"
+        return [event("msg", type, start, message=message)]
+    events = [event("start", "saga.started", start)]
+    if span.end_time_unix_nano:
+        outcome = attrs.get("sagaadmin.saga.outcome")
+        if outcome is not None and outcome not in OUTCOMES:
+            raise ValueError(
+                f"sagaadmin.saga.outcome: one of {', '.join(OUTCOMES)}, not '{outcome}'"
+            )
+        type = OUTCOMES[outcome] if outcome else ("saga.failed" if failed else "saga.completed")
+        fields = {"error": _error(span)} if type != "saga.completed" and failed else {}
+        events.append(event("end", type, end, **fields))
+    return events
+
+
+def _error(span: Span) -> dict[str, Any]:
+    """The ``exception`` event's type and message, else the status message."""
+    for span_event in span.events:
+        if span_event.name == "exception":
+            attrs = {kv.key: any_value(kv.value) for kv in span_event.attributes}
+            return {
+                "type": str(attrs.get("exception.type") or "Exception")[:200],
+                "message": str(attrs.get("exception.message") or span.status.message)[:4000],
+            }
+    return {"type": "Error", "message": (span.status.message or f"{span.name} failed")[:4000]}
+
+
+def _time(unix_nano: int) -> str:
+    return datetime.fromtimestamp(unix_nano / 1e9, tz=UTC).isoformat()
+
+
+def any_value(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
+    if kind == "bytes_value":
+        return value.bytes_value.hex()
+    return getattr(value, kind)
+
+
+# -- answers ------------------------------------------------------------------------------
+
+
+def response_bytes(content_type: str, *, rejected: int, message: str) -> bytes:
+    """An ExportTraceServiceResponse (``partial_success`` only when something was rejected)."""
+    response = ExportTraceServiceResponse()
+    if rejected or message:
+        response.partial_success.rejected_spans = rejected
+        response.partial_success.error_message = message
+    return _encode(response, content_type)
+
+
+def status_bytes(content_type: str, *, code: int, message: str) -> bytes:
+    """A google.rpc.Status for an error answer (code: a gRPC code, e.g. 3 INVALID_ARGUMENT)."""
+    return _encode(status_pb2.Status(code=code, message=message), content_type)
+
+
+def _encode(message: Any, content_type: str) -> bytes:
+    if content_type == PROTOBUF:
+        return bytes(message.SerializeToString())
+    return json.dumps(json_format.MessageToDict(message)).encode()
+
+
+def hex_or_none(value: bytes) -> str | None:
+    try:
+        return binascii.hexlify(value).decode() or None
+    except (TypeError, ValueError):
+        return None

@@ -12,6 +12,11 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY sagaadmin sagaadmin
 COPY tracking tracking
+COPY orchestrator orchestrator
+COPY outbox outbox
+COPY sagaclient sagaclient
+COPY examples examples
+COPY templates templates
 COPY static static
 COPY manage.py ./
 RUN pip install --no-cache-dir .
@@ -19,4 +24,6 @@ RUN pip install --no-cache-dir .
 USER sagaadmin
 EXPOSE 8000
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
-CMD ["sh", "-c", "python manage.py migrate --noinput && exec uvicorn sagaadmin.asgi:application --host 0.0.0.0 --port 8000 --workers ${WEB_WORKERS:-2} --no-access-log"]
+# Several workers share their /metrics counters through this directory (docs/metrics.md).
+ENV PROMETHEUS_MULTIPROC_DIR=/tmp/sagaadmin-metrics
+CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && python manage.py migrate --noinput && exec uvicorn sagaadmin.asgi:application --host 0.0.0.0 --port 8000 --workers ${WEB_WORKERS:-2} --no-access-log"]

@@ -46,6 +46,7 @@ from orchestrator.definitions import (
 )
 from orchestrator.models import RunStatus, SagaRun, StepRun, StepRunStatus
 from orchestrator.reporting import Telemetry
+from sagaadmin import telemetry
 
 log = logging.getLogger(__name__)
 COMMANDS_TOPIC = "sagaadmin.commands"
@@ -133,6 +134,7 @@ def saga_start(*, saga_type: str, saga_id: str, data: dict[str, Any] | None = No
                         next_run_at=now,
                         created_at=now,
                         updated_at=now,
+                        traceparent=telemetry.traceparent(),
                     )
             except IntegrityError:  # a concurrent start won
                 existing = SagaRun.objects.get(saga_id=saga_id)
@@ -178,10 +180,14 @@ def run_advance(claim: Claim, *, now: datetime | None = None) -> bool:
         definition = definition_get(run.saga_type)
         steps = list(StepRun.objects.filter(run=run).order_by("position"))
         before = steps_snapshot(steps)
-        tel = Telemetry(run, definition.service)
-        again = _transition(run, definition, steps, tel, now)
-        run.lease_until = timezone.now() + _lease()  # still working on it
-        transition_save(run, steps, before, tel)
+        with (
+            telemetry.continued({"traceparent": run.traceparent}),
+            telemetry.span("orchestrator transition", saga_id=run.saga_id, saga_type=run.saga_type),
+        ):
+            tel = Telemetry(run, definition.service)
+            again = _transition(run, definition, steps, tel, now)
+            run.lease_until = timezone.now() + _lease()  # still working on it
+            transition_save(run, steps, before, tel)
         fault("after-transition-before-commit")
     fault("after-transition")
     return again and not run.is_terminal

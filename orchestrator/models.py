@@ -66,6 +66,8 @@ class SagaRun(models.Model):
     lease_token = models.PositiveBigIntegerField(default=0)
     # The reporter sequence of the saga's telemetry (the orchestrator is its one reporter).
     report_seq = models.PositiveBigIntegerField(default=0)
+    # The W3C trace context the saga was started in: every transition continues it.
+    traceparent = models.CharField(max_length=100, blank=True, default="")
     last_error = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)

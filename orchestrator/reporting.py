@@ -18,6 +18,8 @@ from typing import Any
 from django.conf import settings
 from django.utils.module_loading import import_string
 
+from sagaadmin.telemetry import current_ids
+
 Reporter = Callable[..., None]
 
 
@@ -49,6 +51,10 @@ class Telemetry:
             "sequence": self.run.report_seq,
         }
         event.update({k: v for k, v in fields.items() if v not in (None, "")})
+        ids = current_ids()
+        if ids is not None:
+            event.setdefault("trace_id", ids[0])
+            event.setdefault("span_id", ids[1])
         self.events.append(event)
 
     def send(self) -> None:

@@ -11,6 +11,7 @@ from django.db import connection
 from django.utils import timezone
 
 from outbox.models import OutboxMessage
+from sagaadmin.telemetry import headers_with_context
 
 NOTIFY_CHANNEL = "sagaadmin_outbox"
 # The writers' per-key lock (one bigint key; the relay uses the two-int key
@@ -68,7 +69,8 @@ def publish(
             raise ValueError(f"{name}: a non-empty string of at most 200 characters")
     if not isinstance(version, int) or version < 1:
         raise ValueError("version: an integer >= 1")
-    clean_headers = {str(k): str(v) for k, v in (headers or {}).items()}
+    # the current trace travels with the message (W3C traceparent), unless it names its own
+    clean_headers = headers_with_context({str(k): str(v) for k, v in (headers or {}).items()})
     message = OutboxMessage(
         aggregatetype=topic,
         aggregateid=key,

@@ -53,6 +53,7 @@ from redis.retry import Retry
 from outbox.inbox import Incoming, inbox_apply, incoming
 from outbox.transports.jetstream import SUBJECT_OVERLAP, stream_name
 from outbox.versions import UnknownVersion
+from sagaadmin.telemetry import consumer_span
 
 log = logging.getLogger(__name__)
 DEAD_EXCHANGE = "sagaadmin.dead"
@@ -76,7 +77,8 @@ def from_amqp(message: AbstractIncomingMessage) -> Incoming:
 def _apply(consumer: str, message: Incoming, handler: Callable[[Incoming], None]) -> bool:
     close_old_connections()  # a broken or expired connection is replaced, not reused
     try:
-        return inbox_apply(consumer, message, handler)
+        with consumer_span(message.topic, message.id, message.headers, consumer):
+            return inbox_apply(consumer, message, handler)
     finally:
         # Back to the pool (CONN_MAX_AGE=0): an idle consumer holds no connection,
         # so many consumers fit one process's pool.
@@ -711,19 +713,20 @@ def run_inprocess_consumer(
         payload = message.payload
         # inbox_apply, not _apply: this runs in the relay's thread, whose
         # connection must not be closed under it.
-        inbox_apply(
-            consumer,
-            incoming(
-                id=str(message.id),
-                topic=message.topic,
-                key=message.key,
-                type=message.type,
-                version=message.version,
-                payload=json.loads(payload) if isinstance(payload, str | bytes) else payload,
-                headers=message.headers,
-            ),
-            handler,
-        )
+        with consumer_span(message.topic, str(message.id), message.headers, consumer):
+            inbox_apply(
+                consumer,
+                incoming(
+                    id=str(message.id),
+                    topic=message.topic,
+                    key=message.key,
+                    type=message.type,
+                    version=message.version,
+                    payload=json.loads(payload) if isinstance(payload, str | bytes) else payload,
+                    headers=message.headers,
+                ),
+                handler,
+            )
 
     unsubscribe = subscribe(topic, deliver)
     try:

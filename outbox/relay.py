@@ -36,6 +36,7 @@ from outbox import versions
 from outbox.api import NOTIFY_CHANNEL
 from outbox.models import OutboxMessage, Status
 from outbox.transports.base import Outgoing, Permanent, Skipped, Transport
+from sagaadmin.telemetry import publish_span
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,10 @@ class Relay:
                 except versions.UnknownVersion as exc:
                     unknown[i] = exc
             sendable = [m for i, m in enumerate(outgoing) if i not in unknown]
-            answers = self.transport.publish(sendable) if sendable else []
+            answers = []
+            if sendable:
+                with publish_span([m.headers for m in sendable], type(self.transport).__name__):
+                    answers = self.transport.publish(sendable)
             if len(answers) != len(sendable):
                 raise RuntimeError("the transport answered for a different number of messages")
             sent = iter(answers)

@@ -10,10 +10,12 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from sagaadmin.health import healthz, readyz
 from sagaadmin.problems import problem_response
 from tracking.api.otlp import otlp_traces_view
+from tracking.metrics import metrics_view
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
+    path("metrics", metrics_view, name="metrics"),  # Prometheus (docs/metrics.md)
     path("admin/", admin.site.urls),
     path("api/v1/schema", SpectacularAPIView.as_view(), name="schema"),
     path("api/v1/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),

@@ -23,7 +23,23 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
+try:  # with OpenTelemetry installed, reports carry the current trace (docs/client.md)
+    from opentelemetry import trace as _otel_trace
+except ImportError:  # pragma: no cover - the client works without it
+    _otel_trace = None  # type: ignore[assignment]
+
 log = logging.getLogger("sagaclient")
+
+
+def _current_trace() -> dict[str, str]:
+    if _otel_trace is None:
+        return {}
+    context = _otel_trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+
+
 RETRYABLE_STATUSES = (429, 500, 502, 503, 504)
 
 
@@ -95,6 +111,8 @@ class Reporter:
             }
             if self.service:
                 body["service"] = self.service
+            if "trace_id" not in fields:
+                body.update(_current_trace())
             body.update({k: v for k, v in fields.items() if v is not None})
             self._enqueue([body])
         except Exception:  # reporting must never break the caller

@@ -34,6 +34,7 @@ from orchestrator import hooks
 from orchestrator.context import idempotency_key
 from orchestrator.engine import COMMANDS_TOPIC
 from orchestrator.models import SagaRun
+from sagaadmin import telemetry
 from tracking.detection import FAILED_STEP
 from tracking.live import notify_sagas_changed
 from tracking.models import (
@@ -377,6 +378,15 @@ def saga_action_run(inp: ActionInput) -> dict[str, Any]:
 
     Raises :class:`ActionError` (audited) when refused.
     """
+    actor = getattr(inp.actor, "username", None)
+    with telemetry.span(
+        "operator action", action=inp.action, saga_id=inp.saga_id, step=inp.step or None,
+        actor=actor,
+    ):  # fmt: skip
+        return _action_run(inp)
+
+
+def _action_run(inp: ActionInput) -> dict[str, Any]:
     action = ACTIONS.get(inp.action)
     if action is None:
         raise ActionError(404, "action", f"no action {inp.action!r}; one of {', '.join(ACTIONS)}")

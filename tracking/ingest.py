@@ -16,6 +16,7 @@ import msgspec
 from django.conf import settings
 from django.db import transaction
 
+from sagaadmin import telemetry
 from tracking.bulk import insert_ignore_returning
 from tracking.models import Saga, Service, TelemetryEvent
 from tracking.projection import FoldEvent
@@ -140,10 +141,20 @@ def events_ingest(
     ``_store_and_project``).
     """
     received_at = (received_at or datetime.now(UTC)).astimezone(UTC)
+    with telemetry.span("ingest batch", service=service.name, events=len(raws)):
+        return _ingest(service, raws, received_at)
+
+
+def _ingest(
+    service: Service, raws: Sequence[msgspec.Raw | bytes], received_at: datetime
+) -> IngestResult:
     valid, results = _validate(raws, service)
     changed: list[str] = []
     if valid:
-        with transaction.atomic(savepoint=False):
+        with (
+            transaction.atomic(savepoint=False),
+            telemetry.span("projection", service=service.name, events=len(valid)),
+        ):
             changed = _store_and_project(service, valid, received_at, results)
             if changed:
                 transaction.on_commit(lambda: service_touch(service=service, at=received_at))

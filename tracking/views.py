@@ -241,6 +241,12 @@ def saga_detail_page(request: HttpRequest, saga_id: str) -> HttpResponse:
     return _page(request, template, _saga_detail_context(request, saga_id, request.GET))
 
 
+def trace_links(trace_ids: list[str]) -> list[tuple[str, str]]:
+    """(trace id, its URL in the tracing UI or "") per id, from ``SAGAADMIN_TRACE_URL``."""
+    template = settings.SAGAADMIN["TRACE_URL"]
+    return [(t, template.replace("{trace_id}", t) if template else "") for t in trace_ids]
+
+
 def _saga_detail_context(
     request: HttpRequest, saga_id: str, query: QueryDict, **extra: Any
 ) -> dict[str, Any]:
@@ -256,6 +262,7 @@ def _saga_detail_context(
     run = run_state_get(saga_id=saga_id)
     return {
         "saga": saga,
+        "trace_links": trace_links(saga.trace_ids),
         "incident_badges": incident_badges_html(saga.open_incidents),
         "incidents": incidents.incidents,
         "incidents_more": incidents.next_cursor is not None,

@@ -56,6 +56,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "sagaadmin.telemetry.TracingMiddleware",  # only with OTEL_* set (docs/opentelemetry.md)
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -236,6 +237,9 @@ SAGAADMIN = {
     # A reporter clock further than this from the server's receive time is flagged.
     "CLOCK_SKEW_SECONDS": env.float("SAGAADMIN_CLOCK_SKEW_SECONDS", default=30.0),
     "RETRY_AFTER_SECONDS": env.int("SAGAADMIN_RETRY_AFTER_SECONDS", default=5),
+    # Links from a saga's trace ids to a tracing UI: "{trace_id}" is replaced, e.g.
+    # http://jaeger:16686/trace/{trace_id} or a Grafana Tempo explore URL.
+    "TRACE_URL": env.str("SAGAADMIN_TRACE_URL", default=""),
     # OTLP receiver: most bytes after decompression, most spans per request
     "OTLP_MAX_BYTES": env.int("SAGAADMIN_OTLP_MAX_BYTES", default=8 * 1024 * 1024),
     "OTLP_MAX_SPANS": env.int("SAGAADMIN_OTLP_MAX_SPANS", default=10_000),
@@ -269,13 +273,20 @@ SAGAADMIN = {
     # a rerun with edited data), and so do bulk jobs over more than N sagas (0: never).
     "TWO_PERSON_ACTIONS": env.list("SAGAADMIN_TWO_PERSON_ACTIONS", default=[]),
     "TWO_PERSON_BULK_ABOVE": env.int("SAGAADMIN_TWO_PERSON_BULK_ABOVE", default=0),
+    # GET /metrics (docs/metrics.md): open to these networks (CIDRs) without a token,
+    # and to anyone sending "Authorization: Bearer <METRICS_TOKEN>" when it is set.
+    "METRICS_ALLOW": env.list("SAGAADMIN_METRICS_ALLOW", default=["127.0.0.1/32", "::1/128"]),
+    "METRICS_TOKEN": env.str("SAGAADMIN_METRICS_TOKEN", default=""),
 }
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"trace": {"()": "sagaadmin.telemetry.TraceIdFilter"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s%(trace)s %(message)s"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["trace"]}
+    },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }

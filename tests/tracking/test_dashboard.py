@@ -238,3 +238,16 @@ def test_a_bad_service_name_keeps_the_page_whole(role_client, service_key) -> No
     assert response.status_code == 400
     assert "letters, digits" in html
     assert "sa_" + service_key.key.prefix in html  # the existing keys are still listed
+
+
+def test_trace_ids_link_to_the_tracing_ui_when_a_url_template_is_set(
+    api, role_client, make_event, settings
+) -> None:
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    api.batch([make_event("saga.started", saga_id="traced", trace_id=trace)])
+    viewer = role_client("viewer")
+    html = viewer.get("/sagas/traced").content.decode()
+    assert trace in html and "Open the trace" not in html  # no template: plain text
+    settings.SAGAADMIN = {**settings.SAGAADMIN, "TRACE_URL": "http://jaeger:16686/trace/{trace_id}"}
+    html = viewer.get("/sagas/traced").content.decode()
+    assert f'<a href="http://jaeger:16686/trace/{trace}" target="_blank"' in html

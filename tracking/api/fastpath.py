@@ -39,6 +39,7 @@ from tracking.api.ingest import (
 )
 from tracking.ingest import IngestResult, events_ingest
 from tracking.keys import service_key_authenticate
+from tracking.metrics import ingest_observed
 from tracking.models import Service
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class IngestEndpoint:
         self.keys = KeyCache(ttl=settings.SAGAADMIN["KEY_CACHE_SECONDS"])
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             reply = await self._handle(scope, receive, headers)
@@ -183,6 +185,7 @@ class IngestEndpoint:
                 500,
                 problem_bytes(500, "internal-error", "The server failed; the error was logged."),
             )
+        ingest_observed(reply, time.perf_counter() - started)
         await send(
             {
                 "type": "http.response.start",

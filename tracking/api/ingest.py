@@ -12,7 +12,8 @@ The checks and answers live in framework-neutral functions that return a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 import msgspec
 from django.conf import settings
@@ -21,6 +22,7 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from sagaadmin.problems import PROBLEM_CONTENT_TYPE, problem_bytes
+from tracking import metrics
 from tracking.api.auth import bearer_token
 from tracking.ingest import ACCEPTED, DUPLICATE, REJECTED, IngestResult, events_ingest
 from tracking.keys import service_key_authenticate
@@ -36,6 +38,8 @@ class Reply:
     body: bytes
     content_type: str = PROBLEM_CONTENT_TYPE
     headers: dict[str, str] = field(default_factory=dict)
+    # the events' results when they were processed (200, 422): for tracking/metrics.py
+    result: IngestResult | None = field(default=None, repr=False, compare=False)
 
 
 class Refused(Exception):
@@ -116,20 +120,21 @@ def result_reply(result: IngestResult) -> Reply:
     results = [r.as_dict() for r in result.results]
     if len(results) == 1 and result.results[0].status == REJECTED:
         errors = result.results[0].errors
-        return problem(
+        reply = problem(
             422,
             "event-rejected",
             "; ".join(f"{e.field}: {e.message}" for e in errors),
             errors=[{"field": e.field, "message": e.message} for e in errors],
             results=results,
         )
+        return replace(reply, result=result)
     body = {
         "accepted": result.count(ACCEPTED),
         "duplicates": result.count(DUPLICATE),
         "rejected": result.count(REJECTED),
         "results": results,
     }
-    return Reply(200, msgspec.json.encode(body), "application/json")
+    return Reply(200, msgspec.json.encode(body), "application/json", result=result)
 
 
 def _http(reply: Reply) -> HttpResponse:
@@ -141,6 +146,13 @@ def _http(reply: Reply) -> HttpResponse:
 
 @csrf_exempt
 def events_view(request: HttpRequest) -> HttpResponse:
+    started = time.perf_counter()
+    reply = _events(request)
+    metrics.ingest_observed(reply, time.perf_counter() - started)
+    return _http(reply)
+
+
+def _events(request: HttpRequest) -> Reply:
     try:
         token = request_check(
             method=request.method or "",
@@ -149,12 +161,12 @@ def events_view(request: HttpRequest) -> HttpResponse:
         )
         key = service_key_authenticate(secret=token)
         if key is None:
-            return _http(UNKNOWN_KEY)
+            return UNKNOWN_KEY
         raws = body_split(request.body)
         with transaction.atomic(durable=True):
             result = events_ingest(service=key.service, raws=raws)
     except Refused as refused:
-        return _http(refused.reply)
+        return refused.reply
     except DB_UNAVAILABLE as exc:
-        return _http(unavailable(exc))
-    return _http(result_reply(result))
+        return unavailable(exc)
+    return result_reply(result)

@@ -7,7 +7,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     SAGAADMIN_VAR_DIR=/var/lib/sagaadmin
 
 RUN useradd --create-home --uid 10001 sagaadmin \
-    && mkdir -p /var/lib/sagaadmin && chown sagaadmin /var/lib/sagaadmin
+    && mkdir -p /var/lib/sagaadmin /tmp/sagaadmin-metrics \
+    && chown sagaadmin /var/lib/sagaadmin /tmp/sagaadmin-metrics
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY sagaadmin sagaadmin
@@ -26,4 +27,4 @@ EXPOSE 8000
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
 # Several workers share their /metrics counters through this directory (docs/metrics.md).
 ENV PROMETHEUS_MULTIPROC_DIR=/tmp/sagaadmin-metrics
-CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && python manage.py migrate --noinput && exec uvicorn sagaadmin.asgi:application --host 0.0.0.0 --port 8000 --workers ${WEB_WORKERS:-2} --no-access-log"]
+CMD ["sh", "-c", "rm -f \"$PROMETHEUS_MULTIPROC_DIR\"/*.db; python manage.py migrate --noinput && exec uvicorn sagaadmin.asgi:application --host 0.0.0.0 --port 8000 --workers ${WEB_WORKERS:-2} --no-access-log"]

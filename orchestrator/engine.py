@@ -121,6 +121,12 @@ def saga_start(*, saga_type: str, saga_id: str, data: dict[str, Any] | None = No
         clean = json_value(data or {})
     except TypeError as exc:
         raise StartRefused("data", str(exc)) from None
+    # The saga's trace: the caller's, or (tracing on, no caller's) one of its own.
+    with telemetry.span("saga start", saga_id=saga_id, saga_type=saga_type):
+        return _start(definition, saga_type, saga_id, clean)
+
+
+def _start(definition: Any, saga_type: str, saga_id: str, clean: dict[str, Any]) -> SagaRun:
     now = timezone.now()
     with transaction.atomic():
         existing = SagaRun.objects.filter(saga_id=saga_id).first()

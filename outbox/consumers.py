@@ -80,9 +80,10 @@ def _apply(consumer: str, message: Incoming, handler: Callable[[Incoming], None]
         with consumer_span(message.topic, message.id, message.headers, consumer):
             return inbox_apply(consumer, message, handler)
     finally:
-        # Back to the pool (CONN_MAX_AGE=0): an idle consumer holds no connection,
-        # so many consumers fit one process's pool.
-        close_old_connections()
+        # With a connection pool, hand the connection back: an idle consumer holds
+        # none, so many consumers fit one process's pool (cheap: a check-in).
+        if connections["default"].settings_dict.get("OPTIONS", {}).get("pool"):
+            close_old_connections()
 
 
 async def _consume(

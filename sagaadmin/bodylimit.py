@@ -32,7 +32,7 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
-            await self._too_large(send)
+            await self._too_large(scope, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -43,7 +43,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await self._too_large(send)
+                await self._too_large(scope, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -60,25 +60,36 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send) -> None:
-        body = problem_bytes(
-            413,
-            "request-too-large",
-            f"The body exceeds {self.limit} bytes.",
-            limit_bytes=self.limit,
-        )
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        content_type, body = _too_large_body(scope, self.limit)
         await send(
             {
                 "type": "http.response.start",
                 "status": 413,
                 "headers": [
-                    (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                    (b"content-type", content_type.encode()),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close"),
                 ],
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+OTLP_PATHS = ("/v1/traces", "/api/v1/otlp/")
+
+
+def _too_large_body(scope: Scope, limit: int) -> tuple[str, bytes]:
+    """problem+json; for the OTLP receiver a google.rpc.Status in the request's encoding."""
+    message = f"The body exceeds {limit} bytes."
+    if scope["path"].startswith(OTLP_PATHS):
+        from tracking import otlp
+
+        sent = dict(scope.get("headers", [])).get(b"content-type", b"").decode("latin-1")
+        encoding = sent.split(";")[0].strip().lower()
+        encoding = encoding if encoding in otlp.ENCODINGS else otlp.JSON
+        return encoding, otlp.status_bytes(encoding, code=8, message=message)
+    return PROBLEM_CONTENT_TYPE, problem_bytes(413, "request-too-large", message, limit_bytes=limit)
 
 
 def _content_length(scope: Scope) -> int | None:

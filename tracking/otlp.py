@@ -16,9 +16,11 @@ telemetry, anything else is counted and ignored:
 * a messaging span (``messaging.operation.type`` ``send`` / ``publish`` or
   ``process`` / ``deliver`` / ``receive``): ``message.published`` /
   ``message.consumed``;
-* any other: the saga's own span — ``saga.started`` at its start, at its end
-  ``sagaadmin.saga.outcome`` (``completed``, ``compensated``, ``failed``,
-  ``compensation_failed``, ``cancelled``) or else completed / failed by status.
+* the saga's own span, marked ``sagaadmin.saga.root=true`` or carrying
+  ``sagaadmin.saga.outcome``: ``saga.started`` at its start, at its end the
+  outcome (``completed``, ``compensated``, ``failed``, ``compensation_failed``,
+  ``cancelled``) or else completed / failed by status;
+* any other span with a saga id (an HTTP call inside a step) is ignored too.
 
 Event ids derive from the trace and span ids (``otel-<trace>-<span>-start``), so
 an exporter that retries a batch reports duplicates, never new events.
@@ -31,7 +33,7 @@ import binascii
 import json
 import zlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import json_format
@@ -169,11 +171,21 @@ def spans_map(request: ExportTraceServiceRequest) -> Mapped:
 def span_events(span: Span) -> list[dict[str, Any]] | None:
     """The protocol events of one span; None when it carries no saga id."""
     attrs = {kv.key: any_value(kv.value) for kv in span.attributes}
-    saga_id = next((attrs[k] for k in SAGA_ID_KEYS if attrs.get(k) not in (None, "")), None)
-    if saga_id is None:
+    operation = attrs.get("messaging.operation.type") or attrs.get("messaging.operation")
+    messaging = operation in PUBLISH_OPERATIONS or operation in CONSUME_OPERATIONS
+    saga_id = attrs.get("sagaadmin.saga.id")
+    if saga_id in (None, "") and messaging:  # a conversation id names a saga on messages only
+        saga_id = attrs.get("messaging.message.conversation_id")
+    if saga_id in (None, ""):
         return None
+    step = attrs.get("sagaadmin.step.name")
+    root = attrs.get("sagaadmin.saga.root") is True or "sagaadmin.saga.outcome" in attrs
+    if step in (None, "") and not messaging and not root:
+        return None  # an incidental span of the saga (an HTTP call, an ack): not an event
     if len(span.trace_id) != 16 or len(span.span_id) != 8:
         raise ValueError("trace_id must be 16 bytes and span_id 8")
+    if not span.start_time_unix_nano:
+        raise ValueError("start_time_unix_nano: missing")
     trace, span_id = span.trace_id.hex(), span.span_id.hex()
     base: dict[str, Any] = {"saga_id": str(saga_id), "trace_id": trace, "span_id": span_id}
     if attrs.get("sagaadmin.saga.type"):
@@ -185,8 +197,6 @@ def span_events(span: Span) -> list[dict[str, Any]] | None:
         return {"id": f"otel-{trace}-{span_id}-{suffix}", "type": type, "occurred_at": at,
                 **base, **fields}  # fmt: skip
 
-    step = attrs.get("sagaadmin.step.name")
-    operation = attrs.get("messaging.operation.type") or attrs.get("messaging.operation")
     if step not in (None, ""):
         phase = attrs.get("sagaadmin.step.phase", "forward")
         if phase not in ("forward", "compensation"):
@@ -206,7 +216,7 @@ def span_events(span: Span) -> list[dict[str, Any]] | None:
             else:
                 events.append(event("end", f"{kind}.succeeded", end, **step_fields))
         return events
-    if operation in PUBLISH_OPERATIONS or operation in CONSUME_OPERATIONS:
+    if messaging:
         message = {
             "name": str(attrs.get("messaging.destination.name") or span.name)[:200],
             "id": str(attrs.get("messaging.message.id") or span_id)[:200],
@@ -239,7 +249,10 @@ def _error(span: Span) -> dict[str, Any]:
 
 
 def _time(unix_nano: int) -> str:
-    return datetime.fromtimestamp(unix_nano / 1e9, tz=UTC).isoformat()
+    """Exact to the microsecond (a float of the nanoseconds would not be)."""
+    seconds, nanos = divmod(unix_nano, 1_000_000_000)
+    at = datetime.fromtimestamp(seconds, tz=UTC) + timedelta(microseconds=nanos // 1000)
+    return at.isoformat()
 
 
 def any_value(value: AnyValue) -> Any:

@@ -10,6 +10,7 @@ services must live in the worker's process
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -35,22 +36,31 @@ SKEWED_SERVICE = "shipping"  # whose clock ``skew`` moves
 
 
 def keys_ensure(names: list[str], path: Path) -> dict[str, str]:
-    """A working service key per service, kept in ``path`` (0600) across restarts."""
-    try:
-        keys: dict[str, str] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        keys = {}
-    changed = False
-    for name in names:
-        secret = keys.get(name, "")
-        if not secret or service_key_authenticate(secret=secret) is None:
-            keys[name] = service_key_create(service_name=name, name="demo").secret
-            changed = True
-    if changed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(keys, indent=2))
-        os.chmod(path, 0o600)
-    return keys
+    """A working service key per service, kept in ``path`` (0600) across restarts.
+
+    Several demo processes start at once (one per service): a lock file makes
+    them take turns, and the file is replaced atomically, never half-written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            keys: dict[str, str] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            keys = {}
+        changed = False
+        for name in names:
+            secret = keys.get(name, "")
+            if not secret or service_key_authenticate(secret=secret) is None:
+                keys[name] = service_key_create(service_name=name, name="demo").secret
+                changed = True
+        if changed:
+            temporary = path.with_suffix(".tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(keys, indent=2))
+            os.replace(temporary, path)
+    return {name: keys[name] for name in names}
 
 
 class UnreliableReporter(Reporter):
@@ -87,8 +97,11 @@ class UnreliableReporter(Reporter):
         return super().flush(timeout)
 
 
-def reporters_make(url: str, keys: dict[str, str], mix: Mix) -> dict[str, Reporter]:
-    """One reporter per service (its own key); ``skew`` moves the shipping service's clock."""
+def reporters_make(
+    url: str, keys: dict[str, str], mix: Mix, role: str = "all"
+) -> dict[str, Reporter]:
+    """One reporter per service (its own key); ``skew`` moves the shipping service's clock.
+    ``role`` names this process's spool files (two processes never share one)."""
     spool = Path(settings.VAR_DIR) / "demo-spool"
     spool.mkdir(parents=True, exist_ok=True)
     out: dict[str, Reporter] = {}
@@ -99,7 +112,7 @@ def reporters_make(url: str, keys: dict[str, str], mix: Mix) -> dict[str, Report
             key,
             duplicate=mix.duplicate,
             reorder=mix.reorder,
-            spool_path=str(spool / f"{name}.jsonl"),
+            spool_path=str(spool / f"{name}-{role}.jsonl"),
             clock=_clock(skew),
         )
     return out

@@ -47,6 +47,7 @@ class Payment(models.Model):
     amount_cents = models.PositiveIntegerField()
     status = models.CharField(max_length=20, choices=Status.choices)
     idempotency_key = models.CharField(max_length=200)
+    refund_attempts = models.PositiveIntegerField(default=0)
     updated_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:
@@ -86,6 +87,7 @@ class Shipment(models.Model):
 
     order_id = models.CharField(max_length=100, unique=True)
     carrier = models.CharField(max_length=50)
+    cancelled = models.BooleanField(default=False)  # undone (or never to be booked)
     created_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:

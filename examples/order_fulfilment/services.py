@@ -45,6 +45,9 @@ EVENTS_TOPIC = "shop.events"
 ORCHESTRATED = "order_orchestrated"
 CHOREOGRAPHED = "order_choreographed"
 STEPS = ("create_order", "charge_payment", "reserve_stock", "create_shipment")
+# Order statuses a forward event may move on from, and those an undo may end.
+FORWARD = ("created", "paid", "reserved", "payment_failed")  # a retried payment moves on
+UNDOABLE = ("created", "paid", "reserved", "payment_failed", "cancelling", "refund_failed")
 EVENT_TYPES = (
     "order.created",
     "order.cancelling",
@@ -108,7 +111,7 @@ class Service:
 
     # -- dispatch --------------------------------------------------------------------
 
-    def events(self) -> dict[str, Callable[[dict[str, Any]], None]]:
+    def events(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         return {}
 
     def on_event(self, message: Incoming) -> None:
@@ -142,11 +145,17 @@ class Service:
 
     def _orchestrated(self, action: str, command: dict[str, Any]) -> None:
         handler = getattr(self, f"step_{action}", None)
-        first_try = command.get("epoch") == 1 and command.get("attempt") == 1
+        data = dict(command.get("data") or {})
+        # a fault hits the first try only: not a retry, a new epoch or a restarted saga
+        first_try = (
+            command.get("epoch") == 1
+            and command.get("attempt") == 1
+            and not data.get("restarted_from")
+        )
         try:
             if handler is None:
                 raise Refused("UnknownCommand", f"{self.name} cannot {action}", retryable=False)
-            result = handler(dict(command.get("data") or {}), command, first_try)
+            result = handler(data, command, first_try)
         except Refused as refused:
             self._reply(command, ok=False, error=refused.error())
             return
@@ -216,10 +225,10 @@ class OrderService(Service):
             self.report("step.succeeded", oid, step="create_order", attempt=1)
             self.emit("order.created", order)
 
-    def events(self) -> dict[str, Callable[[dict[str, Any]], None]]:
+    def events(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         return {
-            "payment.processed": lambda o: self._status(o, Order.Status.PAID),
-            "stock.decremented": lambda o: self._status(o, Order.Status.RESERVED),
+            "payment.processed": lambda o: self._status(o, Order.Status.PAID, FORWARD),
+            "stock.decremented": lambda o: self._status(o, Order.Status.RESERVED, FORWARD),
             "shipment.created": self._shipped,
             "payment.failed": self._payment_failed,
             "payment.refunded": self._refunded,
@@ -227,14 +236,18 @@ class OrderService(Service):
         }
 
     @staticmethod
-    def _status(order: dict[str, Any], status: str) -> None:
-        Order.objects.filter(order_id=order["order_id"]).update(
-            status=status, updated_at=timezone.now()
-        )
+    def _status(order: dict[str, Any], status: str, allowed: tuple[str, ...] = ()) -> bool:
+        """Move the order to ``status`` (only from ``allowed`` ones, when given): a late
+        event never overwrites an undo in progress. True if it moved."""
+        rows = Order.objects.filter(order_id=order["order_id"])
+        if allowed:
+            rows = rows.filter(status__in=allowed)
+        return rows.update(status=status, updated_at=timezone.now()) > 0
 
     def _shipped(self, order: dict[str, Any]) -> None:
-        self._status(order, Order.Status.SHIPPED)
-        self.report("saga.completed", order["order_id"])
+        if self._status(order, Order.Status.SHIPPED, FORWARD):
+            self.report("saga.completed", order["order_id"])
+        # else: being undone; shipping cancels the booking on order.cancelling
 
     def _payment_failed(self, order: dict[str, Any]) -> None:
         if order.get("retryable"):  # the provider was away: wait for an operator
@@ -252,7 +265,8 @@ class OrderService(Service):
 
     def _cancel(self, order: dict[str, Any], *, ended: str, command_id: Any = None) -> None:
         oid = order["order_id"]
-        self._status(order, Order.Status.CANCELLED)
+        if not self._status(order, Order.Status.CANCELLED, UNDOABLE):
+            return  # cancelled already (a redelivered or late event)
         self.report("compensation.started", oid, step="create_order", command_id=command_id)
         self.report("compensation.succeeded", oid, step="create_order", command_id=command_id)
         self.report(ended, oid, command_id=command_id)
@@ -319,7 +333,7 @@ class PaymentService(Service):
 
     name = "payment"
 
-    def events(self) -> dict[str, Callable[[dict[str, Any]], None]]:
+    def events(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         return {
             "order.created": lambda o: self.charge(o, first_try=True),
             "stock.failed": lambda o: self.refund(o, first_try=True),
@@ -348,7 +362,7 @@ class PaymentService(Service):
     ) -> None:
         oid = order["order_id"]
         command_id = command["command_id"] if command else None
-        attempt = int(command.get("attempt") or 1) if command else 1
+        attempt = _refund_attempt(oid)
         self.report(
             "compensation.started",
             oid,
@@ -381,6 +395,8 @@ class PaymentService(Service):
     def _cancelling(self, order: dict[str, Any]) -> None:
         if Payment.objects.filter(order_id=order["order_id"], status="charged").exists():
             self.refund(order, first_try=False, command={"command_id": order.get("command_id")})
+        else:  # nothing was charged (the step was skipped): the order may cancel now
+            self.emit("payment.refunded", order, refunded=False, command_id=order.get("command_id"))
 
     # operator commands
 
@@ -424,6 +440,16 @@ def _charge(order: dict[str, Any], *, first_try: bool, key: str) -> Payment:
     return payment
 
 
+def _refund_attempt(order_id: str) -> int:
+    """The refund's attempt number: one more than before (kept on the payment)."""
+    payment = Payment.objects.select_for_update().filter(order_id=order_id).first()
+    if payment is None:
+        return 1
+    payment.refund_attempts += 1
+    payment.save(update_fields=["refund_attempts"])
+    return payment.refund_attempts
+
+
 def _refund(order: dict[str, Any], *, first_try: bool) -> None:
     if hits(order.get("faults"), "refund_fails", first_try=first_try):
         raise Refused("RefundRejected", "refund rejected: card account closed", retryable=False)
@@ -440,7 +466,7 @@ class InventoryService(Service):
 
     name = "inventory"
 
-    def events(self) -> dict[str, Callable[[dict[str, Any]], None]]:
+    def events(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         return {
             "payment.processed": lambda o: self.reserve(o, first_try=True),
             "order.cancelling": self._cancelling,
@@ -552,8 +578,11 @@ class ShippingService(Service):
 
     name = "shipping"
 
-    def events(self) -> dict[str, Callable[[dict[str, Any]], None]]:
-        return {"stock.decremented": lambda o: self.ship(o, first_try=True)}
+    def events(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {
+            "stock.decremented": lambda o: self.ship(o, first_try=True),
+            "order.cancelling": self._cancelling,
+        }
 
     def ship(
         self, order: dict[str, Any], *, first_try: bool, command: dict[str, Any] | None = None
@@ -562,10 +591,26 @@ class ShippingService(Service):
         self.report("step.started", oid, step="create_shipment", **fields)
         if hits(order.get("faults"), "hang", first_try=first_try):
             return  # the carrier's API never answers: stuck
-        _ship(oid)
         fields.pop("idempotency_key", None)
+        if _ship(oid) is None:  # the order is being undone: no booking
+            self.report("step.failed", oid, step="create_shipment", error=CANCELLED, **fields)
+            return
         self.report("step.succeeded", oid, step="create_shipment", **fields)
         self.emit("shipment.created", order)
+
+    def _cancelling(self, order: dict[str, Any]) -> None:
+        """The order is being undone: cancel a booking, or make sure none is made later."""
+        oid, command_id = order["order_id"], order.get("command_id")
+        shipment, created = Shipment.objects.select_for_update().get_or_create(
+            order_id=oid, defaults={"carrier": "", "cancelled": True}
+        )
+        if not created and not shipment.cancelled:
+            self.report("compensation.started", oid, step="create_shipment", command_id=command_id)
+            shipment.cancelled = True
+            shipment.save(update_fields=["cancelled"])
+            self.report(
+                "compensation.succeeded", oid, step="create_shipment", command_id=command_id
+            )
 
     # operator commands
 
@@ -592,19 +637,28 @@ class ShippingService(Service):
     ) -> Any:
         if hits(data.get("faults"), "hang", first_try=first_try):
             return NO_REPLY
-        return {"shipment_id": _ship(command["saga_id"]).pk}
+        shipment = _ship(command["saga_id"])
+        if shipment is None:
+            raise Refused("Cancelled", "the booking was cancelled", retryable=False)
+        return {"shipment_id": shipment.pk}
 
     def step_undo_create_shipment(
         self, data: dict[str, Any], command: dict[str, Any], first_try: bool
     ) -> Any:
         """An operator compensates an orchestrated saga at its last step: cancel the booking."""
-        cancelled, _ = Shipment.objects.filter(order_id=command["saga_id"]).delete()
+        cancelled = Shipment.objects.filter(order_id=command["saga_id"], cancelled=False).update(
+            cancelled=True
+        )
         return {"cancelled": bool(cancelled)}
 
 
-def _ship(order_id: str) -> Shipment:
+CANCELLED = {"type": "Cancelled", "message": "the order is being undone", "retryable": False}
+
+
+def _ship(order_id: str) -> Shipment | None:
+    """Book (once per order); None when the order's booking was cancelled."""
     shipment, _ = Shipment.objects.get_or_create(order_id=order_id, defaults={"carrier": "DHL"})
-    return shipment
+    return None if shipment.cancelled else shipment
 
 
 SERVICES: dict[str, type[Service]] = {

@@ -29,6 +29,11 @@ def subscribe(topic: str, handler: Handler) -> Callable[[], None]:
     return unsubscribe
 
 
+def subscribed(topic: str) -> bool:
+    with _lock:
+        return bool(_handlers.get(topic))
+
+
 class InProcessTransport:
     """A message is confirmed when every handler of its topic returned (none: confirmed).
 

@@ -222,12 +222,14 @@ def test_every_fault_ends_as_expected_and_operators_finish_what_it_left(
     _act("retry_compensation", ids[("orchestrated", "refund_fails")], user)
     _act("retry_step", ids[("orchestrated", "hang")], user, "create_shipment")
     _act("skip_step", ids[("choreographed", "hang")], user, "create_shipment")
+    _act("cancel", ids[("choreographed", "in_doubt")], user)  # undo: release, refund
     after = {
         ("choreographed", "outage"): "completed",
         ("choreographed", "refund_fails"): "compensated",
         ("orchestrated", "refund_fails"): "compensated",
         ("orchestrated", "hang"): "completed",
         ("choreographed", "hang"): "completed",
+        ("choreographed", "in_doubt"): "compensated",
     }
     _wait(
         lambda: all(statuses()[case] == want for case, want in after.items()),
@@ -245,3 +247,8 @@ def test_every_fault_ends_as_expected_and_operators_finish_what_it_left(
     assert Order.objects.get(order_id=paid).status == "shipped"
     for flavour in FLAVOURS:
         assert Payment.objects.get(order_id=ids[(flavour, "refund_fails")]).status == "refunded"
+    undone = ids[("choreographed", "in_doubt")]
+    assert Reservation.objects.get(order_id=undone).status == "released"
+    assert Payment.objects.get(order_id=undone).status == "refunded"
+    assert Order.objects.get(order_id=undone).status == "cancelled"
+    assert Shipment.objects.get(order_id=undone).cancelled  # nothing will be booked later

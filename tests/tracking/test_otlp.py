@@ -289,3 +289,22 @@ def test_too_many_spans_and_a_missing_key_are_refused(
     assert answer["Content-Type"] == PB
     assert "service key" in _status(answer).message
     assert TelemetryEvent.objects.count() == 0
+
+
+def test_incidental_spans_of_a_saga_are_ignored(client: Client, key: CreatedKey) -> None:
+    """An HTTP span that carries the saga id, or a broker ack with a conversation id, is
+    neither a step nor the saga's own span: counted and ignored, not a saga that ended."""
+    document = _request_json("incidental-1")
+    span = document["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    http = {**span, "spanId": "00000000000000a1", "status": {}}
+    http["attributes"] = [{"key": "sagaadmin.saga.id", "value": {"stringValue": "incidental-1"}}]
+    ack = {**span, "spanId": "00000000000000a2", "status": {}}
+    ack["attributes"] = [
+        {"key": "messaging.message.conversation_id", "value": {"stringValue": "incidental-1"}},
+        {"key": "messaging.operation.type", "value": {"stringValue": "settle"}},
+    ]
+    document["resourceSpans"][0]["scopeSpans"][0]["spans"] = [http, ack]
+    answer = _post(client, key, json.dumps(document).encode(), "application/json")
+    assert answer.status_code == 200
+    assert json.loads(answer.content) == {}
+    assert TelemetryEvent.objects.count() == 0

@@ -15,6 +15,7 @@ import logging
 
 import msgspec
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -70,6 +71,13 @@ def otlp_traces_view(request: HttpRequest) -> HttpResponse:
             WWW_Authenticate='Bearer realm="sagaadmin"',
         )
     cfg = settings.SAGAADMIN
+    limit = cfg["INGEST_MAX_BODY_BYTES"]  # the ASGI guard stops it earlier; this covers WSGI
+    too_large = f"The body exceeds {limit} bytes."
+    try:
+        if int(request.META.get("CONTENT_LENGTH") or 0) > limit or len(request.body) > limit:
+            return _error(413, content_type, RESOURCE_EXHAUSTED, too_large)
+    except (RequestDataTooBig, ValueError):
+        return _error(413, content_type, RESOURCE_EXHAUSTED, too_large)
     try:
         export = otlp.request_decode(
             request.body,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -24,11 +25,13 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import DatabaseError, connections
 
+from orchestrator.engine import REPLIES_TOPIC
 from orchestrator.replies import replies_consume
 from orchestrator.worker import worker_run
 from outbox.maintenance import published_delete
 from outbox.relay import Relay
 from outbox.transports import transport_from_url
+from outbox.transports.inprocess import subscribed
 from tracking.bulk_actions import bulk_loop
 from tracking.detector import detect_loop
 from tracking.rollups import rollup_compact
@@ -52,13 +55,20 @@ class Command(BaseCommand):
         """Run every loop until ``stop`` is set (``manage.py demo`` calls this too)."""
         transport = transport_from_url(settings.BROKER_URL)
         threads = [
+            threading.Thread(target=self._replies, args=(stop,), name="replies"),
             threading.Thread(target=self._relay, args=(transport, stop), name="relay"),
             threading.Thread(target=self._detector, args=(stop,), name="detector"),
             threading.Thread(target=worker_run, args=(stop,), name="orchestrator"),
-            threading.Thread(target=self._replies, args=(stop,), name="replies"),
             threading.Thread(target=self._bulk, args=(stop,), name="bulk-actions"),
         ]
-        for thread in threads:
+        threads[0].start()
+        if settings.BROKER_URL.startswith("inprocess:"):
+            # the in-process transport confirms a message nobody listens to: let the
+            # reply consumer subscribe before the relay sends anything
+            deadline = time.monotonic() + 5
+            while not subscribed(REPLIES_TOPIC) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        for thread in threads[1:]:
             thread.start()
         self.stdout.write(
             f"worker: relay to {settings.BROKER_URL.split('@')[-1]}, detector, orchestrator, "

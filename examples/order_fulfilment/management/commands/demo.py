@@ -65,7 +65,8 @@ class Command(BaseCommand):
             "--settle",
             type=float,
             default=15.0,
-            help="after --duration, seconds to let sagas in flight finish",
+            help="after --duration, seconds to let sagas in flight finish before exiting "
+            "(a process that runs the worker keeps running)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -89,7 +90,8 @@ class Command(BaseCommand):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         keys = keys_ensure(sorted({*names, *(["order"] if traffic else [])}), self._keys_path())
-        reporters = reporters_make(options["url"], keys, mix)
+        role = "-".join(names) or "traffic"
+        reporters = reporters_make(options["url"], keys, mix, role)
         threads = services_start(services_make(names, reporters), stop)
         if names:
             self.stdout.write(
@@ -108,7 +110,7 @@ class Command(BaseCommand):
                 say=self.stdout.write,
             )
             thread = threading.Thread(
-                target=self._traffic, args=(placing, stop, options), name="traffic"
+                target=self._traffic, args=(placing, stop, options, worker), name="traffic"
             )
             thread.start()
             threads.append(thread)
@@ -125,12 +127,18 @@ class Command(BaseCommand):
                 reporter.close(timeout=5)
             self.stdout.write("demo: stopped")
 
-    def _traffic(self, placing: Traffic, stop: threading.Event, options: dict[str, Any]) -> None:
+    def _traffic(
+        self, placing: Traffic, stop: threading.Event, options: dict[str, Any], worker: bool
+    ) -> None:
         placing.run(stop)
-        if options["duration"] and not stop.is_set():
-            self.stdout.write(f"demo: letting sagas in flight finish ({options['settle']:g} s)")
-            stop.wait(options["settle"])
-            stop.set()
+        if not options["duration"] or stop.is_set():
+            return
+        if worker:  # the dashboard still needs the relay, detector and orchestrator
+            self.stdout.write("demo: no more orders; services and worker go on (Ctrl-C stops)")
+            return
+        self.stdout.write(f"demo: letting sagas in flight finish ({options['settle']:g} s)")
+        stop.wait(options["settle"])
+        stop.set()
 
     @staticmethod
     def _mix(text: str | None) -> Mix:

@@ -13,13 +13,14 @@ PYTHON ?= $(shell for c in python3.13 python3.12 python3 \
 	command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
 	&& { command -v $$c; break; }; done)
 
-.PHONY: run test lint typecheck venv migrate bench-ingest bench-queries bench-relay bench-detect bench-orchestrator clean help
+.PHONY: run test lint typecheck venv migrate bench-ingest bench-otlp bench-queries bench-relay bench-detect bench-orchestrator clean help
 
 help:
 	@echo "make run    - set up .venv, migrate, start the dashboard on http://$(HOST):$(PORT)"
 	@echo "make run DEMO=0 - the same without the demo services and their orders"
 	@echo "make test   - ruff, migrations check, mypy and the whole pytest suite"
 	@echo "make bench-ingest - ingest throughput against raw PostgreSQL"
+	@echo "make bench-otlp - OTLP/HTTP receiver spans/s against /api/v1/events events/s"
 	@echo "make bench-queries - dashboard/API query times on 1M sagas against raw SQL"
 	@echo "make bench-relay - outbox relay to RabbitMQ against raw broker/database and a peer"
 	@echo "make bench-detect - detector pass on 1M sagas; ingest with step stats on/off"
@@ -76,6 +77,9 @@ test: lint typecheck
 
 bench-ingest: venv
 	$(PY) bench/ingest.py
+
+bench-otlp: venv
+	$(PY) bench/otlp.py
 
 bench-queries: venv
 	$(PY) bench/queries.py

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 from django.conf import settings
@@ -27,11 +28,15 @@ from tracking.protocol import (
     clean_payload,
     content_hash,
     decode_event,
+    event_from_dict,
     normalise_times,
     redact,
     redact_keys,
 )
 from tracking.read_model import read_model_create, read_model_refold, stored_events_get
+
+# An event as JSON bytes (the API) or as a dict built in this process (the OTLP mapping).
+RawEvent = msgspec.Raw | bytes | dict[str, Any]
 
 log = logging.getLogger(__name__)
 ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
@@ -72,7 +77,7 @@ class _Valid:
 
 
 def _validate(
-    raws: Sequence[msgspec.Raw | bytes], service: Service
+    raws: Sequence[RawEvent], service: Service
 ) -> tuple[list[_Valid], dict[int, EventResult]]:
     cfg = settings.SAGAADMIN
     secret_keys = redact_keys()
@@ -82,7 +87,7 @@ def _validate(
     for index, raw in enumerate(raws):
         event_id = None
         try:
-            event = decode_event(raw)
+            event = event_from_dict(raw) if isinstance(raw, dict) else decode_event(raw)
             event_id = event.id
             if event.service and event.service != service.name:
                 raise EventRejected(
@@ -131,7 +136,7 @@ def _conflict(index: int, event_id: str, where: str) -> EventResult:
 
 
 def events_ingest(
-    *, service: Service, raws: Sequence[msgspec.Raw | bytes], received_at: datetime | None = None
+    *, service: Service, raws: Sequence[RawEvent], received_at: datetime | None = None
 ) -> IngestResult:
     """Ingest raw protocol events reported by ``service``, in one transaction.
 
@@ -145,9 +150,7 @@ def events_ingest(
         return _ingest(service, raws, received_at)
 
 
-def _ingest(
-    service: Service, raws: Sequence[msgspec.Raw | bytes], received_at: datetime
-) -> IngestResult:
+def _ingest(service: Service, raws: Sequence[RawEvent], received_at: datetime) -> IngestResult:
     valid, results = _validate(raws, service)
     changed: list[str] = []
     if valid:

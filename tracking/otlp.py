@@ -31,9 +31,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 import zlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import json_format
@@ -170,7 +170,7 @@ def spans_map(request: ExportTraceServiceRequest) -> Mapped:
 
 def span_events(span: Span) -> list[dict[str, Any]] | None:
     """The protocol events of one span; None when it carries no saga id."""
-    attrs = {kv.key: any_value(kv.value) for kv in span.attributes}
+    attrs = _attributes(span.attributes)
     operation = attrs.get("messaging.operation.type") or attrs.get("messaging.operation")
     messaging = operation in PUBLISH_OPERATIONS or operation in CONSUME_OPERATIONS
     saga_id = attrs.get("sagaadmin.saga.id")
@@ -187,15 +187,19 @@ def span_events(span: Span) -> list[dict[str, Any]] | None:
     if not span.start_time_unix_nano:
         raise ValueError("start_time_unix_nano: missing")
     trace, span_id = span.trace_id.hex(), span.span_id.hex()
+    prefix = f"otel-{trace}-{span_id}-"
     base: dict[str, Any] = {"saga_id": str(saga_id), "trace_id": trace, "span_id": span_id}
     if attrs.get("sagaadmin.saga.type"):
         base["saga_type"] = str(attrs["sagaadmin.saga.type"])
-    start, end = _time(span.start_time_unix_nano), _time(span.end_time_unix_nano)
+    end_nano = span.end_time_unix_nano
+    start, end = _time(span.start_time_unix_nano), _time(end_nano) if end_nano else ""
     failed = span.status.code == Status.STATUS_CODE_ERROR
 
-    def event(suffix: str, type: str, at: str, **fields: Any) -> dict[str, Any]:
-        return {"id": f"otel-{trace}-{span_id}-{suffix}", "type": type, "occurred_at": at,
-                **base, **fields}  # fmt: skip
+    def event(suffix: str, type: str, at: str, fields: dict[str, Any] | None) -> dict[str, Any]:
+        out = {"id": prefix + suffix, "type": type, "occurred_at": at, **base}
+        if fields:
+            out.update(fields)
+        return out
 
     if step not in (None, ""):
         phase = attrs.get("sagaadmin.step.phase", "forward")
@@ -207,14 +211,13 @@ def span_events(span: Span) -> list[dict[str, Any]] | None:
         except (TypeError, ValueError):
             raise ValueError("sagaadmin.step.attempt: a whole number") from None
         step_fields = {"step": str(step), "attempt": attempt}
-        events = [event("start", f"{kind}.started", start, **step_fields)]
-        if span.end_time_unix_nano:
+        events = [event("start", f"{kind}.started", start, step_fields)]
+        if end_nano:
             if failed:
-                events.append(
-                    event("end", f"{kind}.failed", end, error=_error(span), **step_fields)
-                )
+                fields = {**step_fields, "error": _error(span)}
+                events.append(event("end", f"{kind}.failed", end, fields))
             else:
-                events.append(event("end", f"{kind}.succeeded", end, **step_fields))
+                events.append(event("end", f"{kind}.succeeded", end, step_fields))
         return events
     if messaging:
         message = {
@@ -222,17 +225,17 @@ def span_events(span: Span) -> list[dict[str, Any]] | None:
             "id": str(attrs.get("messaging.message.id") or span_id)[:200],
         }
         type = "message.published" if operation in PUBLISH_OPERATIONS else "message.consumed"
-        return [event("msg", type, start, message=message)]
-    events = [event("start", "saga.started", start)]
-    if span.end_time_unix_nano:
+        return [event("msg", type, start, {"message": message})]
+    events = [event("start", "saga.started", start, None)]
+    if end_nano:
         outcome = attrs.get("sagaadmin.saga.outcome")
         if outcome is not None and outcome not in OUTCOMES:
             raise ValueError(
                 f"sagaadmin.saga.outcome: one of {', '.join(OUTCOMES)}, not '{outcome}'"
             )
         type = OUTCOMES[outcome] if outcome else ("saga.failed" if failed else "saga.completed")
-        fields = {"error": _error(span)} if type != "saga.completed" and failed else {}
-        events.append(event("end", type, end, **fields))
+        error = {"error": _error(span)} if type != "saga.completed" and failed else None
+        events.append(event("end", type, end, error))
     return events
 
 
@@ -240,7 +243,7 @@ def _error(span: Span) -> dict[str, Any]:
     """The ``exception`` event's type and message, else the status message."""
     for span_event in span.events:
         if span_event.name == "exception":
-            attrs = {kv.key: any_value(kv.value) for kv in span_event.attributes}
+            attrs = _attributes(span_event.attributes)
             return {
                 "type": str(attrs.get("exception.type") or "Exception")[:200],
                 "message": str(attrs.get("exception.message") or span.status.message)[:4000],
@@ -248,11 +251,35 @@ def _error(span: Span) -> dict[str, Any]:
     return {"type": "Error", "message": (span.status.message or f"{span.name} failed")[:4000]}
 
 
+_SIMPLE_VALUES = frozenset({"string_value", "bool_value", "int_value", "double_value"})
+
+
+def _attributes(pairs: Any) -> dict[str, Any]:
+    out = {}
+    for kv in pairs:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        out[kv.key] = getattr(value, kind) if kind in _SIMPLE_VALUES else any_value(value)
+    return out
+
+
+_seconds: dict[int, str] = {}
+
+
 def _time(unix_nano: int) -> str:
-    """Exact to the microsecond (a float of the nanoseconds would not be)."""
+    """RFC 3339 in UTC, exact to the microsecond (a float of the nanoseconds would not be);
+    built by hand, the date and time of day cached per second: it runs twice per span."""
     seconds, nanos = divmod(unix_nano, 1_000_000_000)
-    at = datetime.fromtimestamp(seconds, tz=UTC) + timedelta(microseconds=nanos // 1000)
-    return at.isoformat()
+    whole = _seconds.get(seconds)
+    if whole is None:
+        if len(_seconds) > 4096:
+            _seconds.clear()
+        t = time.gmtime(seconds)
+        whole = _seconds[seconds] = (
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}."
+        )
+    return f"{whole}{nanos // 1000:06d}Z"
 
 
 def any_value(value: AnyValue) -> Any:

@@ -184,6 +184,19 @@ def decode_event(raw: msgspec.Raw | bytes) -> EventV1:
         raise
 
 
+def event_from_dict(data: dict[str, Any]) -> EventV1:
+    """Validate an event built in this process (the OTLP mapping): the same checks as
+    :func:`decode_event`, without a JSON round trip. Raises :class:`EventRejected`."""
+    try:
+        event = msgspec.convert(data, EventV1)
+    except msgspec.ValidationError as exc:
+        rejected = _field_error(exc)
+        rejected.event_id = data.get("id") if isinstance(data.get("id"), str) else None
+        raise rejected from exc
+    _check_rules(event)
+    return event
+
+
 def _decode(raw: msgspec.Raw | bytes, version: int) -> EventV1:
     try:
         if version == CURRENT_VERSION:

@@ -308,3 +308,52 @@ def test_incidental_spans_of_a_saga_are_ignored(client: Client, key: CreatedKey)
     assert answer.status_code == 200
     assert json.loads(answer.content) == {}
     assert TelemetryEvent.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_asgi_fast_path_answers_otlp_like_the_view() -> None:
+    """Production serves /v1/traces from the group-committing ASGI endpoint: same answers."""
+    import asyncio
+
+    from tracking.api.fastpath import IngestEndpoint
+
+    key = service_key_create(service_name="stock")
+    endpoint = IngestEndpoint()
+
+    async def call(path: str, body: bytes, content_type: str, secret: str | None) -> Any:
+        headers = [(b"content-type", content_type.encode())]
+        if secret:
+            headers.append((b"authorization", f"Bearer {secret}".encode()))
+        scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await endpoint(scope, receive, send)
+        head = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+        return sent[0]["status"], head, sent[1]["body"]
+
+    try:
+        body = json.dumps(_request_json("fast-1")).encode()
+        status, head, answer = asyncio.run(call("/v1/traces", body, "application/json", key.secret))
+        assert (status, head["content-type"], json.loads(answer)) == (200, "application/json", {})
+        assert len(_stored("fast-1")) == 2
+        status, head, answer = asyncio.run(
+            call("/api/v1/otlp/v1/traces", b"\x0a\xff", PB, key.secret)
+        )
+        assert status == 400 and head["content-type"] == PB
+        status, _, answer = asyncio.run(call("/v1/traces", body, PB, None))
+        assert status == 401
+        assert "service key" in _status_of(PB, answer).message
+    finally:
+        endpoint.batcher.close()
+
+
+def _status_of(content_type: str, body: bytes) -> status_pb2.Status:
+    status = status_pb2.Status()
+    status.ParseFromString(body)
+    return status

@@ -17,11 +17,11 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-import msgspec
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
@@ -37,19 +37,29 @@ from tracking.api.ingest import (
     result_reply,
     unavailable,
 )
-from tracking.ingest import IngestResult, events_ingest
+from tracking.api.otlp import (
+    OtlpRefused,
+    otlp_answer,
+    otlp_map,
+    otlp_raws,
+    otlp_request_check,
+    otlp_unavailable,
+    unauthenticated,
+)
+from tracking.ingest import IngestResult, RawEvent, events_ingest
 from tracking.keys import service_key_authenticate
 from tracking.metrics import ingest_observed
 from tracking.models import Service
 
 log = logging.getLogger(__name__)
 PATH = "/api/v1/events"
+OTLP_PATHS = frozenset({"/v1/traces", "/api/v1/otlp/v1/traces"})
 
 
 @dataclass(slots=True)
 class _Job:
     service: Service
-    raws: list[msgspec.Raw]
+    raws: Sequence[RawEvent]
     future: asyncio.Future[IngestResult]
 
 
@@ -70,7 +80,7 @@ class IngestBatcher:
         self.executor.submit(_close_connection).result()
         self.executor.shutdown()
 
-    async def submit(self, service: Service, raws: list[msgspec.Raw]) -> IngestResult:
+    async def submit(self, service: Service, raws: Sequence[RawEvent]) -> IngestResult:
         future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         self.pending.append(_Job(service, raws, future))
         if not self.draining:
@@ -177,15 +187,20 @@ class IngestEndpoint:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        traces = scope["path"] in OTLP_PATHS
         try:
-            reply = await self._handle(scope, receive, headers)
+            if traces:
+                reply = await self._handle_otlp(scope, receive, headers)
+            else:
+                reply = await self._handle(scope, receive, headers)
         except Exception:
             log.exception("ingest fast path failed")
             reply = Reply(
                 500,
                 problem_bytes(500, "internal-error", "The server failed; the error was logged."),
             )
-        ingest_observed(reply, time.perf_counter() - started)
+        if not traces:
+            ingest_observed(reply, time.perf_counter() - started)
         await send(
             {
                 "type": "http.response.start",
@@ -223,6 +238,37 @@ class IngestEndpoint:
             return unavailable(exc)
         return result_reply(result)
 
+    async def _handle_otlp(self, scope: Any, receive: Any, headers: dict[str, str]) -> Reply:
+        """OTLP/HTTP traces (tracking/api/otlp.py has the rules), group-committed like events."""
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        secret = token.strip() if scheme.lower() == "bearer" else ""
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            otlp_request_check(
+                method=scope["method"], content_type=content_type, has_token=bool(secret)
+            )
+            body = await _read_body(receive)
+            try:
+                key = await self.keys.get(secret, self.batcher.executor)
+            except DB_UNAVAILABLE as exc:
+                return otlp_unavailable(content_type, exc)
+            if key is None:
+                raise unauthenticated(content_type)
+            mapped = otlp_map(
+                body,
+                content_type=content_type,
+                content_encoding=headers.get("content-encoding", ""),
+            )
+        except OtlpRefused as refused:
+            return refused.reply
+        result = None
+        if mapped.events:
+            try:
+                result = await self.batcher.submit(key.service, otlp_raws(mapped))
+            except DB_UNAVAILABLE as exc:
+                return otlp_unavailable(content_type, exc)
+        return otlp_answer(mapped, result, content_type)
+
 
 async def _read_body(receive: Any) -> bytes:
     chunks = []
@@ -236,14 +282,15 @@ async def _read_body(receive: Any) -> bytes:
 
 
 class IngestRouter:
-    """Sends ``POST /api/v1/events`` to the fast path and everything else to ``app``."""
+    """Sends ``POST /api/v1/events`` and the OTLP receiver's paths to the fast path, everything
+    else to ``app``."""
 
     def __init__(self, app: Any, endpoint: IngestEndpoint | None = None) -> None:
         self.app = app
         self.endpoint = endpoint or IngestEndpoint()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == PATH:
+        if scope["type"] == "http" and (scope["path"] == PATH or scope["path"] in OTLP_PATHS):
             await self.endpoint(scope, receive, send)
         else:
             await self.app(scope, receive, send)

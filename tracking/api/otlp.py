@@ -12,8 +12,9 @@ the key's (docs/opentelemetry.md).
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
-import msgspec
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
@@ -22,8 +23,8 @@ from django.views.decorators.csrf import csrf_exempt
 
 from tracking import otlp
 from tracking.api.auth import bearer_token
-from tracking.api.ingest import DB_UNAVAILABLE
-from tracking.ingest import REJECTED, events_ingest
+from tracking.api.ingest import DB_UNAVAILABLE, Reply
+from tracking.ingest import REJECTED, IngestResult, RawEvent, events_ingest
 from tracking.keys import service_key_authenticate
 
 log = logging.getLogger(__name__)
@@ -32,98 +33,165 @@ log = logging.getLogger(__name__)
 INVALID_ARGUMENT, UNAUTHENTICATED, RESOURCE_EXHAUSTED, UNAVAILABLE = 3, 16, 8, 14
 
 
-def _answer(
-    status: int, content_type: str, body: bytes, headers: dict[str, str] | None = None
-) -> HttpResponse:
-    response = HttpResponse(body, status=status, content_type=content_type)
-    for name, value in (headers or {}).items():
-        response[name] = value
-    return response
+class OtlpRefused(Exception):
+    """A request refused as a whole; ``reply`` is the answer."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.status)
+        self.reply = reply
 
 
-def _error(status: int, content_type: str, code: int, message: str, **headers: str) -> HttpResponse:
+def _status(status: int, content_type: str, code: int, message: str, **headers: str) -> OtlpRefused:
     body = otlp.status_bytes(content_type, code=code, message=message)
-    return _answer(status, content_type, body, {k.replace("_", "-"): v for k, v in headers.items()})
+    return OtlpRefused(
+        Reply(status, body, content_type, {k.replace("_", "-"): v for k, v in headers.items()})
+    )
 
 
-@csrf_exempt
-def otlp_traces_view(request: HttpRequest) -> HttpResponse:
-    content_type = (request.content_type or "").lower()
-    if request.method != "POST":
-        response = _error(405, otlp.JSON, INVALID_ARGUMENT, "use POST to export traces")
-        response["Allow"] = "POST"
-        return response
+def otlp_request_check(*, method: str, content_type: str, has_token: bool) -> str:
+    """Method, media type and credentials (before the body is read); the answer encoding."""
+    if method != "POST":
+        raise _status(405, otlp.JSON, INVALID_ARGUMENT, "use POST to export traces", Allow="POST")
     if content_type not in otlp.ENCODINGS:
-        return _error(
+        raise _status(
             415,
             otlp.JSON,
             INVALID_ARGUMENT,
             f"Content-Type must be {otlp.PROTOBUF} or {otlp.JSON}, not '{content_type or 'none'}'",
         )
-    token = bearer_token(request)
-    key = service_key_authenticate(secret=token) if token else None
-    if key is None:
-        return _error(
-            401,
-            content_type,
-            UNAUTHENTICATED,
-            "send a Saga Admin service key: 'Authorization: Bearer sa_...'",
-            WWW_Authenticate='Bearer realm="sagaadmin"',
-        )
+    if not has_token:
+        raise unauthenticated(content_type)
+    return content_type
+
+
+def unauthenticated(content_type: str) -> OtlpRefused:
+    return _status(
+        401,
+        content_type,
+        UNAUTHENTICATED,
+        "send a Saga Admin service key: 'Authorization: Bearer sa_...'",
+        WWW_Authenticate='Bearer realm="sagaadmin"',
+    )
+
+
+def otlp_map(body: bytes, *, content_type: str, content_encoding: str) -> otlp.Mapped:
+    """Size, decode and map the body; raises :class:`OtlpRefused`."""
     cfg = settings.SAGAADMIN
     limit = cfg["INGEST_MAX_BODY_BYTES"]  # the ASGI guard stops it earlier; this covers WSGI
-    too_large = f"The body exceeds {limit} bytes."
-    try:
-        if int(request.META.get("CONTENT_LENGTH") or 0) > limit or len(request.body) > limit:
-            return _error(413, content_type, RESOURCE_EXHAUSTED, too_large)
-    except (RequestDataTooBig, ValueError):
-        return _error(413, content_type, RESOURCE_EXHAUSTED, too_large)
+    if len(body) > limit:
+        raise _status(413, content_type, RESOURCE_EXHAUSTED, f"The body exceeds {limit} bytes.")
     try:
         export = otlp.request_decode(
-            request.body,
+            body,
             content_type=content_type,
-            content_encoding=request.headers.get("Content-Encoding", ""),
+            content_encoding=content_encoding,
             max_bytes=cfg["OTLP_MAX_BYTES"],
         )
     except otlp.TooLarge as exc:
-        return _error(413, content_type, RESOURCE_EXHAUSTED, str(exc))
+        raise _status(413, content_type, RESOURCE_EXHAUSTED, str(exc)) from None
     except otlp.BadRequest as exc:
-        return _error(400, content_type, INVALID_ARGUMENT, str(exc))
+        raise _status(400, content_type, INVALID_ARGUMENT, str(exc)) from None
     mapped = otlp.spans_map(export)
     if mapped.spans > cfg["OTLP_MAX_SPANS"]:
-        return _error(
+        raise _status(
             413,
             content_type,
             RESOURCE_EXHAUSTED,
             f"{mapped.spans} spans in one request; at most {cfg['OTLP_MAX_SPANS']}",
         )
-    reasons = dict(mapped.invalid)
-    if mapped.events:
-        try:
-            with transaction.atomic(durable=True):
-                result = events_ingest(
-                    service=key.service, raws=[msgspec.json.encode(e) for e in mapped.events]
-                )
-        except DB_UNAVAILABLE as exc:
-            log.warning("otlp: database unavailable: %s", exc)
-            return _error(
-                503,
-                content_type,
-                UNAVAILABLE,
-                "the event store is unavailable; nothing was stored, retry later",
-                Retry_After=str(cfg["RETRY_AFTER_SECONDS"]),
-            )
-        for event_result in result.results:
-            if event_result.status == REJECTED:
-                span = mapped.span_of[event_result.index]
-                why = "; ".join(f"{e.field}: {e.message}" for e in event_result.errors)
-                reasons.setdefault(span, why)
     if mapped.ignored:
         log.debug("otlp: %d spans without saga attributes ignored", mapped.ignored)
+    return mapped
+
+
+def otlp_raws(mapped: otlp.Mapped) -> list[RawEvent]:
+    """The mapped events as they are: ingest validates dicts without a JSON round trip."""
+    return list(mapped.events)
+
+
+def otlp_unavailable(content_type: str, exc: Exception) -> Reply:
+    log.warning("otlp: database unavailable: %s", exc)
+    return _status(
+        503,
+        content_type,
+        UNAVAILABLE,
+        "the event store is unavailable; nothing was stored, retry later",
+        Retry_After=str(settings.SAGAADMIN["RETRY_AFTER_SECONDS"]),
+    ).reply
+
+
+def otlp_answer(mapped: otlp.Mapped, result: IngestResult | None, content_type: str) -> Reply:
+    """200 with ``partial_success`` counting the spans whose events were refused."""
+    reasons = dict(mapped.invalid)
+    for event_result in result.results if result is not None else ():
+        if event_result.status == REJECTED:
+            span = mapped.span_of[event_result.index]
+            why = "; ".join(f"{e.field}: {e.message}" for e in event_result.errors)
+            reasons.setdefault(span, why)
     message = "; ".join(
         f"span {mapped.span_ids[i]}: {why}" for i, why in sorted(reasons.items())[:10]
     )
     if len(reasons) > 10:
         message += f"; and {len(reasons) - 10} more"
     body = otlp.response_bytes(content_type, rejected=len(reasons), message=message)
-    return _answer(200, content_type, body)
+    return Reply(200, body, content_type)
+
+
+_keys: dict[str, tuple[float, Any]] = {}
+
+
+def _key(secret: str) -> Any:
+    """Service keys by secret for ``KEY_CACHE_SECONDS`` (as the ingest fast path does): an
+    exporter sends a batch every few seconds, each would otherwise cost a key lookup."""
+    now = time.monotonic()
+    hit = _keys.get(secret)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    key = service_key_authenticate(secret=secret)
+    if len(_keys) > 10_000:
+        _keys.clear()
+    _keys[secret] = (now + settings.SAGAADMIN["KEY_CACHE_SECONDS"], key)
+    return key
+
+
+def _http(reply: Reply) -> HttpResponse:
+    response = HttpResponse(reply.body, status=reply.status, content_type=reply.content_type)
+    for name, value in reply.headers.items():
+        response[name] = value
+    return response
+
+
+@csrf_exempt
+def otlp_traces_view(request: HttpRequest) -> HttpResponse:
+    """The Django door (WSGI, tests, and ASGI when the fast path is off)."""
+    content_type = (request.content_type or "").lower()
+    token = bearer_token(request)
+    try:
+        otlp_request_check(
+            method=request.method or "", content_type=content_type, has_token=bool(token)
+        )
+        key = _key(token or "")
+        if key is None:
+            raise unauthenticated(content_type)
+        try:
+            body = request.body
+        except RequestDataTooBig:
+            limit = settings.SAGAADMIN["INGEST_MAX_BODY_BYTES"]
+            raise _status(
+                413, content_type, RESOURCE_EXHAUSTED, f"The body exceeds {limit} bytes."
+            ) from None
+        mapped = otlp_map(
+            body,
+            content_type=content_type,
+            content_encoding=request.headers.get("Content-Encoding", ""),
+        )
+    except OtlpRefused as refused:
+        return _http(refused.reply)
+    result = None
+    if mapped.events:
+        try:
+            with transaction.atomic(durable=True):
+                result = events_ingest(service=key.service, raws=otlp_raws(mapped))
+        except DB_UNAVAILABLE as exc:
+            return _http(otlp_unavailable(content_type, exc))
+    return _http(otlp_answer(mapped, result, content_type))

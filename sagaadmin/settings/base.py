@@ -240,6 +240,9 @@ SAGAADMIN = {
     # Links from a saga's trace ids to a tracing UI: "{trace_id}" is replaced, e.g.
     # http://jaeger:16686/trace/{trace_id} or a Grafana Tempo explore URL.
     "TRACE_URL": env.str("SAGAADMIN_TRACE_URL", default=""),
+    # ASGI fast path back-pressure: past this many events waiting for the database,
+    # POST /api/v1/events and the OTLP receiver answer 429 with Retry-After.
+    "INGEST_MAX_BACKLOG_EVENTS": env.int("SAGAADMIN_INGEST_MAX_BACKLOG_EVENTS", default=50_000),
     # OTLP receiver: most bytes after decompression, most spans per request
     "OTLP_MAX_BYTES": env.int("SAGAADMIN_OTLP_MAX_BYTES", default=8 * 1024 * 1024),
     "OTLP_MAX_SPANS": env.int("SAGAADMIN_OTLP_MAX_SPANS", default=10_000),

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.db import connection
 
 from tests.conftest import database_away
@@ -159,3 +160,52 @@ def test_database_away_is_503(postgres, endpoint) -> None:
     assert headers["retry-after"] == "5"
     endpoint.batcher.executor.submit(lambda: connection.close()).result()
     assert asyncio.run(call(endpoint, event(3), key=key))[0] == 200
+
+
+def test_a_backlog_past_the_limit_is_refused_with_429_and_nothing_is_lost(
+    service_key: Any,
+) -> None:
+    """While the database is slow, waiting events pile up; past the limit new requests get
+    429 + Retry-After (the reporter retries), and everything accepted is stored."""
+    import threading
+
+    endpoint = IngestEndpoint()
+    endpoint.batcher.max_backlog = 3
+    gate = threading.Event()
+    flush = endpoint.batcher.flush
+
+    def slow_flush(batch: Any) -> None:
+        gate.wait(10)
+        flush(batch)
+
+    endpoint.batcher.flush = slow_flush  # type: ignore[method-assign]
+    endpoint.batcher._flush = sync_to_async(  # the flush thread now waits for the gate
+        slow_flush, thread_sensitive=False, executor=endpoint.batcher.executor
+    )
+
+    async def scenario() -> list[Any]:
+        first = asyncio.create_task(call(endpoint, {"events": [event(1)]}, key=service_key.secret))
+        await asyncio.sleep(0.1)  # the first flush is running (held at the gate)
+        queued = asyncio.create_task(
+            call(endpoint, {"events": [event(2), event(3)]}, key=service_key.secret)
+        )
+        await asyncio.sleep(0.05)
+        refused = await call(endpoint, {"events": [event(4), event(5)]}, key=service_key.secret)
+        gate.set()
+        return [await first, await queued, refused]
+
+    try:
+        first, queued, refused = asyncio.run(scenario())
+    finally:
+        gate.set()
+        endpoint.batcher.close()
+    assert first[0] == 200 and queued[0] == 200
+    status, headers, body = refused
+    assert status == 429
+    assert headers["retry-after"] == "5"
+    assert body["type"].endswith("too-many-requests")
+    assert sorted(TelemetryEvent.objects.values_list("event_id", flat=True)) == [
+        "fp-1",
+        "fp-2",
+        "fp-3",
+    ]

@@ -33,6 +33,7 @@ from tracking.api.ingest import (
     Refused,
     Reply,
     body_split,
+    problem,
     request_check,
     result_reply,
     unavailable,
@@ -41,6 +42,7 @@ from tracking.api.otlp import (
     OtlpRefused,
     otlp_answer,
     otlp_map,
+    otlp_overloaded,
     otlp_raws,
     otlp_request_check,
     otlp_unavailable,
@@ -63,11 +65,26 @@ class _Job:
     future: asyncio.Future[IngestResult]
 
 
-class IngestBatcher:
-    """Coalesces concurrent ingest requests into few transactions (one flush at a time)."""
+class Overloaded(Exception):
+    """More events wait for the database than ``max_backlog``: answer 429, Retry-After."""
 
-    def __init__(self, *, max_events: int = 5000) -> None:
+
+class IngestBatcher:
+    """Coalesces concurrent ingest requests into few transactions (one flush at a time).
+
+    Back-pressure: when more than ``max_backlog`` events already wait for a flush, a new
+    request is refused (:class:`Overloaded`, 429 with ``Retry-After``) instead of queueing
+    without bound while the database falls behind.
+    """
+
+    def __init__(self, *, max_events: int = 5000, max_backlog: int | None = None) -> None:
         self.max_events = max_events
+        self.max_backlog = (
+            max_backlog
+            if max_backlog is not None
+            else settings.SAGAADMIN["INGEST_MAX_BACKLOG_EVENTS"]
+        )
+        self.backlog = 0  # events in ``pending``
         self.pending: list[_Job] = []
         self.draining = False
         self._task: asyncio.Task[None] | None = None  # keeps the drain task referenced
@@ -81,8 +98,11 @@ class IngestBatcher:
         self.executor.shutdown()
 
     async def submit(self, service: Service, raws: Sequence[RawEvent]) -> IngestResult:
+        if self.backlog and self.backlog + len(raws) > self.max_backlog:
+            raise Overloaded(f"{self.backlog} events are waiting for the database")
         future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         self.pending.append(_Job(service, raws, future))
+        self.backlog += len(raws)
         if not self.draining:
             self.draining = True
             self._task = asyncio.get_running_loop().create_task(self._drain())
@@ -97,6 +117,7 @@ class IngestBatcher:
                     not batch or size + len(self.pending[0].raws) <= self.max_events
                 ):
                     job = self.pending.pop(0)
+                    self.backlog -= len(job.raws)
                     batch.append(job)
                     size += len(job.raws)
                 await self._flush(batch)
@@ -234,6 +255,13 @@ class IngestEndpoint:
             return refused.reply
         try:
             result = await self.batcher.submit(key.service, raws)
+        except Overloaded as exc:
+            return problem(
+                429,
+                "too-many-requests",
+                f"Ingest is behind ({exc}); nothing was stored. Retry after the given seconds.",
+                {"Retry-After": str(settings.SAGAADMIN["RETRY_AFTER_SECONDS"])},
+            )
         except DB_UNAVAILABLE as exc:
             return unavailable(exc)
         return result_reply(result)
@@ -265,6 +293,8 @@ class IngestEndpoint:
         if mapped.events:
             try:
                 result = await self.batcher.submit(key.service, otlp_raws(mapped))
+            except Overloaded as exc:
+                return otlp_overloaded(content_type, str(exc))
             except DB_UNAVAILABLE as exc:
                 return otlp_unavailable(content_type, exc)
         return otlp_answer(mapped, result, content_type)

@@ -120,6 +120,17 @@ def otlp_unavailable(content_type: str, exc: Exception) -> Reply:
     ).reply
 
 
+def otlp_overloaded(content_type: str, why: str) -> Reply:
+    """429 with ``Retry-After``: the exporter keeps the batch and sends it again later."""
+    return _status(
+        429,
+        content_type,
+        RESOURCE_EXHAUSTED,
+        f"ingest is behind ({why}); nothing was stored, retry later",
+        Retry_After=str(settings.SAGAADMIN["RETRY_AFTER_SECONDS"]),
+    ).reply
+
+
 def otlp_answer(mapped: otlp.Mapped, result: IngestResult | None, content_type: str) -> Reply:
     """200 with ``partial_success`` counting the spans whose events were refused."""
     reasons = dict(mapped.invalid)

@@ -111,7 +111,7 @@ _REFUSED = {status: REQUESTS_REFUSED.labels(status=str(status)) for status in RE
 
 
 def ingest_observed(reply: Reply, seconds: float) -> None:
-    """Count one answered ``POST /api/v1/events`` (cheap: counters only, no I/O)."""
+    """Count one answered ``POST /api/v1/events`` or OTLP export (cheap: counters only)."""
     result = reply.result
     if result is None:
         child = _REFUSED.get(reply.status)

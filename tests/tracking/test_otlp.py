@@ -357,3 +357,16 @@ def _status_of(content_type: str, body: bytes) -> status_pb2.Status:
     status = status_pb2.Status()
     status.ParseFromString(body)
     return status
+
+
+def test_otlp_events_are_counted_on_metrics(client: Client, key: CreatedKey) -> None:
+    from prometheus_client import REGISTRY
+
+    def accepted() -> float:
+        value = REGISTRY.get_sample_value("sagaadmin_ingest_events_total", {"result": "accepted"})
+        return value or 0.0
+
+    before = accepted()
+    body = json.dumps(_request_json("counted-1")).encode()
+    assert _post(client, key, body, "application/json").status_code == 200
+    assert accepted() - before == 2

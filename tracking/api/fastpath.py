@@ -208,9 +208,8 @@ class IngestEndpoint:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        traces = scope["path"] in OTLP_PATHS
         try:
-            if traces:
+            if scope["path"] in OTLP_PATHS:
                 reply = await self._handle_otlp(scope, receive, headers)
             else:
                 reply = await self._handle(scope, receive, headers)
@@ -220,8 +219,7 @@ class IngestEndpoint:
                 500,
                 problem_bytes(500, "internal-error", "The server failed; the error was logged."),
             )
-        if not traces:
-            ingest_observed(reply, time.perf_counter() - started)
+        ingest_observed(reply, time.perf_counter() - started)
         await send(
             {
                 "type": "http.response.start",

@@ -26,6 +26,7 @@ from tracking.api.auth import bearer_token
 from tracking.api.ingest import DB_UNAVAILABLE, Reply
 from tracking.ingest import REJECTED, IngestResult, RawEvent, events_ingest
 from tracking.keys import service_key_authenticate
+from tracking.metrics import ingest_observed
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,8 @@ def otlp_answer(mapped: otlp.Mapped, result: IngestResult | None, content_type: 
     if len(reasons) > 10:
         message += f"; and {len(reasons) - 10} more"
     body = otlp.response_bytes(content_type, rejected=len(reasons), message=message)
-    return Reply(200, body, content_type)
+    # the events' results go to /metrics with the REST endpoint's (none: nothing to count)
+    return Reply(200, body, content_type, result=result or IngestResult([]))
 
 
 _keys: dict[str, tuple[float, Any]] = {}
@@ -175,6 +177,13 @@ def _http(reply: Reply) -> HttpResponse:
 @csrf_exempt
 def otlp_traces_view(request: HttpRequest) -> HttpResponse:
     """The Django door (WSGI, tests, and ASGI when the fast path is off)."""
+    started = time.perf_counter()
+    reply = _traces(request)
+    ingest_observed(reply, time.perf_counter() - started)
+    return _http(reply)
+
+
+def _traces(request: HttpRequest) -> Reply:
     content_type = (request.content_type or "").lower()
     token = bearer_token(request)
     try:
@@ -197,12 +206,12 @@ def otlp_traces_view(request: HttpRequest) -> HttpResponse:
             content_encoding=request.headers.get("Content-Encoding", ""),
         )
     except OtlpRefused as refused:
-        return _http(refused.reply)
+        return refused.reply
     result = None
     if mapped.events:
         try:
             with transaction.atomic(durable=True):
                 result = events_ingest(service=key.service, raws=otlp_raws(mapped))
         except DB_UNAVAILABLE as exc:
-            return _http(otlp_unavailable(content_type, exc))
-    return _http(otlp_answer(mapped, result, content_type))
+            return otlp_unavailable(content_type, exc)
+    return otlp_answer(mapped, result, content_type)

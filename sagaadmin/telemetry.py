@@ -219,6 +219,20 @@ class TracingMiddleware:
             return response
 
 
+@contextlib.contextmanager
+def server_span(method: str, route: str, headers: Mapping[str, str]) -> Iterator[Any]:
+    """A server span for a request served outside Django (the ASGI ingest fast path),
+    continuing the caller's ``traceparent``; ``headers`` with lower-case names."""
+    carrier = {k: headers[k] for k in ("traceparent", "tracestate") if headers.get(k)}
+    with TRACER.start_as_current_span(
+        f"{method} {route}",
+        context=propagate.extract(carrier) if carrier else None,
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": method, "http.route": route, "url.path": route},
+    ) as current:
+        yield current
+
+
 def _sql_span(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
     connection = context["connection"]
     with TRACER.start_as_current_span(

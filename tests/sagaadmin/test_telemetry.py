@@ -123,3 +123,64 @@ def test_log_records_carry_trace_and_span_ids(spans: tuple[Any, Any]) -> None:
         flt.filter(record)
     context = current.get_span_context()
     assert record.trace == f" trace={context.trace_id:032x} span={context.span_id:016x}"  # type: ignore[attr-defined]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_ingest_fast_path_continues_the_callers_trace(
+    spans: tuple[Any, InMemorySpanExporter],
+) -> None:
+    import asyncio
+
+    from tracking.api.fastpath import IngestEndpoint
+    from tracking.keys import service_key_create
+
+    _, memory = spans
+    key = service_key_create(service_name="payment").secret
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    body = json.dumps(
+        {
+            "events": [
+                {
+                    "id": "t1",
+                    "saga_id": "tr-1",
+                    "saga_type": "t",
+                    "type": "saga.started",
+                    "occurred_at": "2026-11-26T10:00:00Z",
+                }
+            ]
+        }
+    ).encode()
+    endpoint = IngestEndpoint()
+
+    async def call() -> int:
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/api/v1/events",
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"authorization", f"Bearer {key}".encode()),
+                (b"traceparent", f"00-{trace_id}-{parent}-01".encode()),
+            ],
+        }
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await endpoint(scope, receive, send)
+        return int(sent[0]["status"])
+
+    try:
+        assert asyncio.run(call()) == 200
+    finally:
+        endpoint.batcher.close()
+    finished = {s.name: s for s in memory.get_finished_spans()}
+    server = finished["POST /api/v1/events"]
+    assert f"{server.context.trace_id:032x}" == trace_id
+    assert f"{server.parent.span_id:016x}" == parent
+    assert server.attributes["http.response.status_code"] == 200
+    assert finished["ingest batch"].context.trace_id == server.context.trace_id

@@ -26,6 +26,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 
+from sagaadmin import telemetry
 from sagaadmin.problems import problem_bytes
 from tracking.api.ingest import (
     DB_UNAVAILABLE,
@@ -208,17 +209,21 @@ class IngestEndpoint:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            if scope["path"] in OTLP_PATHS:
-                reply = await self._handle_otlp(scope, receive, headers)
-            else:
-                reply = await self._handle(scope, receive, headers)
-        except Exception:
-            log.exception("ingest fast path failed")
-            reply = Reply(
-                500,
-                problem_bytes(500, "internal-error", "The server failed; the error was logged."),
-            )
+        with telemetry.server_span(scope["method"], scope["path"], headers) as span:
+            try:
+                if scope["path"] in OTLP_PATHS:
+                    reply = await self._handle_otlp(scope, receive, headers)
+                else:
+                    reply = await self._handle(scope, receive, headers)
+            except Exception:
+                log.exception("ingest fast path failed")
+                reply = Reply(
+                    500,
+                    problem_bytes(
+                        500, "internal-error", "The server failed; the error was logged."
+                    ),
+                )
+            span.set_attribute("http.response.status_code", reply.status)
         ingest_observed(reply, time.perf_counter() - started)
         await send(
             {

@@ -29,7 +29,6 @@ an exporter that retries a batch reports duplicates, never new events.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import time
 import zlib
@@ -316,10 +315,3 @@ def _encode(message: Any, content_type: str) -> bytes:
     if content_type == PROTOBUF:
         return bytes(message.SerializeToString())
     return json.dumps(json_format.MessageToDict(message)).encode()
-
-
-def hex_or_none(value: bytes) -> str | None:
-    try:
-        return binascii.hexlify(value).decode() or None
-    except (TypeError, ValueError):
-        return None

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 import outbox
@@ -532,7 +533,7 @@ class InventoryService(Service):
         reservation.status, reservation.updated_at = Reservation.Status.RELEASED, timezone.now()
         reservation.save(update_fields=["status", "updated_at"])
         Stock.objects.filter(sku=reservation.sku).update(
-            available=_plus("available", reservation.quantity)
+            available=F("available") + reservation.quantity
         )
         if was_prepared:
             self.report("tx.rolled_back", order_id, saga_type, step="reserve_stock")
@@ -562,12 +563,6 @@ class InventoryService(Service):
     def step_release(self, data: dict[str, Any], command: dict[str, Any], first_try: bool) -> Any:
         self._release(command["saga_id"], ORCHESTRATED)
         return {"released": True}
-
-
-def _plus(field: str, amount: int) -> Any:
-    from django.db.models import F
-
-    return F(field) + amount
 
 
 # -- shipping ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from examples.order_fulfilment.faults import ORDER_FAULTS, Mix
 from examples.order_fulfilment.services import CHOREOGRAPHED, ORCHESTRATED, OrderService
 from orchestrator import saga_start
 from tracking.models import SagaType
-from tracking.policy import policy_invalidate
+from tracking.policy import saga_type_update
 
 FLAVOURS = ("orchestrated", "choreographed")
 CUSTOMERS = ("ada", "grace", "linus", "margaret", "ken", "barbara", "dennis", "frances")
@@ -55,13 +55,9 @@ def thresholds_ensure() -> None:
     """The demo's saga types detect quickly (an admin's own values are kept)."""
     for name in (ORCHESTRATED, CHOREOGRAPHED):
         row, _ = SagaType.objects.get_or_create(name=name)
-        changed = [f for f, v in DEMO_THRESHOLDS.items() if getattr(row, f) is None]
-        for field in changed:
-            setattr(row, field, DEMO_THRESHOLDS[field])
-        if changed:
-            row.updated_by = "demo"
-            row.save(update_fields=[*changed, "updated_by"])
-    policy_invalidate()
+        unset = {f: v for f, v in DEMO_THRESHOLDS.items() if getattr(row, f) is None}
+        if unset:
+            saga_type_update(name=name, changes=unset, user="demo")
 
 
 class Traffic:

@@ -131,6 +131,7 @@ def test_the_ingest_fast_path_continues_the_callers_trace(
 ) -> None:
     import asyncio
 
+    from tests.tracking.test_fastpath import asgi_post
     from tracking.api.fastpath import IngestEndpoint
     from tracking.keys import service_key_create
 
@@ -153,26 +154,13 @@ def test_the_ingest_fast_path_continues_the_callers_trace(
     endpoint = IngestEndpoint()
 
     async def call() -> int:
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/api/v1/events",
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"authorization", f"Bearer {key}".encode()),
-                (b"traceparent", f"00-{trace_id}-{parent}-01".encode()),
-            ],
+        headers = {
+            "content-type": "application/json",
+            "authorization": f"Bearer {key}",
+            "traceparent": f"00-{trace_id}-{parent}-01",
         }
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        await endpoint(scope, receive, send)
-        return int(sent[0]["status"])
+        status, _, _ = await asgi_post(endpoint, "/api/v1/events", body, headers)
+        return status
 
     try:
         assert asyncio.run(call()) == 200

@@ -34,21 +34,39 @@ async def call(
     content_type: str = "application/json",
 ) -> tuple[int, dict[str, str], Any]:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = [(b"content-type", content_type.encode())]
+    headers = {"content-type": content_type}
     if key:
-        headers.append((b"authorization", f"Bearer {key}".encode()))
-    scope = {"type": "http", "method": method, "path": "/api/v1/events", "headers": headers}
+        headers["authorization"] = f"Bearer {key}"
+    status, head, answer = await asgi_post(endpoint, "/api/v1/events", raw, headers, method=method)
+    return status, head, json.loads(answer)
+
+
+async def asgi_post(
+    endpoint: IngestEndpoint,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    method: str = "POST",
+) -> tuple[int, dict[str, str], bytes]:
+    """One request straight into the ASGI endpoint: status, headers, raw body."""
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+    }
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": raw, "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
     await endpoint(scope, receive, send)
     head = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
-    return sent[0]["status"], head, json.loads(sent[1]["body"])
+    return sent[0]["status"], head, sent[1]["body"]
 
 
 def event(i: int, saga: str = "fp-1", **extra: Any) -> dict[str, Any]:

@@ -315,27 +315,17 @@ def test_the_asgi_fast_path_answers_otlp_like_the_view() -> None:
     """Production serves /v1/traces from the group-committing ASGI endpoint: same answers."""
     import asyncio
 
+    from tests.tracking.test_fastpath import asgi_post
     from tracking.api.fastpath import IngestEndpoint
 
     key = service_key_create(service_name="stock")
     endpoint = IngestEndpoint()
 
     async def call(path: str, body: bytes, content_type: str, secret: str | None) -> Any:
-        headers = [(b"content-type", content_type.encode())]
+        headers = {"content-type": content_type}
         if secret:
-            headers.append((b"authorization", f"Bearer {secret}".encode()))
-        scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        await endpoint(scope, receive, send)
-        head = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
-        return sent[0]["status"], head, sent[1]["body"]
+            headers["authorization"] = f"Bearer {secret}"
+        return await asgi_post(endpoint, path, body, headers)
 
     try:
         body = json.dumps(_request_json("fast-1")).encode()

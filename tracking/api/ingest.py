@@ -137,7 +137,7 @@ def result_reply(result: IngestResult) -> Reply:
     return Reply(200, msgspec.json.encode(body), "application/json", result=result)
 
 
-def _http(reply: Reply) -> HttpResponse:
+def http_response(reply: Reply) -> HttpResponse:
     response = HttpResponse(reply.body, status=reply.status, content_type=reply.content_type)
     for name, value in reply.headers.items():
         response[name] = value
@@ -149,7 +149,7 @@ def events_view(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     reply = _events(request)
     metrics.ingest_observed(reply, time.perf_counter() - started)
-    return _http(reply)
+    return http_response(reply)
 
 
 def _events(request: HttpRequest) -> Reply:

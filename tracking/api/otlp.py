@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -23,7 +22,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from tracking import otlp
 from tracking.api.auth import bearer_token
-from tracking.api.ingest import DB_UNAVAILABLE, Reply
+from tracking.api.ingest import DB_UNAVAILABLE, Reply, http_response
 from tracking.ingest import REJECTED, IngestResult, RawEvent, events_ingest
 from tracking.keys import service_key_authenticate
 from tracking.metrics import ingest_observed
@@ -150,37 +149,13 @@ def otlp_answer(mapped: otlp.Mapped, result: IngestResult | None, content_type: 
     return Reply(200, body, content_type, result=result or IngestResult([]))
 
 
-_keys: dict[str, tuple[float, Any]] = {}
-
-
-def _key(secret: str) -> Any:
-    """Service keys by secret for ``KEY_CACHE_SECONDS`` (as the ingest fast path does): an
-    exporter sends a batch every few seconds, each would otherwise cost a key lookup."""
-    now = time.monotonic()
-    hit = _keys.get(secret)
-    if hit is not None and hit[0] > now:
-        return hit[1]
-    key = service_key_authenticate(secret=secret)
-    if len(_keys) > 10_000:
-        _keys.clear()
-    _keys[secret] = (now + settings.SAGAADMIN["KEY_CACHE_SECONDS"], key)
-    return key
-
-
-def _http(reply: Reply) -> HttpResponse:
-    response = HttpResponse(reply.body, status=reply.status, content_type=reply.content_type)
-    for name, value in reply.headers.items():
-        response[name] = value
-    return response
-
-
 @csrf_exempt
 def otlp_traces_view(request: HttpRequest) -> HttpResponse:
     """The Django door (WSGI, tests, and ASGI when the fast path is off)."""
     started = time.perf_counter()
     reply = _traces(request)
     ingest_observed(reply, time.perf_counter() - started)
-    return _http(reply)
+    return http_response(reply)
 
 
 def _traces(request: HttpRequest) -> Reply:
@@ -190,7 +165,7 @@ def _traces(request: HttpRequest) -> Reply:
         otlp_request_check(
             method=request.method or "", content_type=content_type, has_token=bool(token)
         )
-        key = _key(token or "")
+        key = service_key_authenticate(secret=token or "")
         if key is None:
             raise unauthenticated(content_type)
         try:

@@ -225,3 +225,16 @@ def screenshot(page: Any, name: str) -> Path:
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def server_defines_test_sagas() -> Iterator[None]:
+    """The module's server imports the orchestrator's test sagas (tests/orchestrator/sagas.py).
+    Request it with ``usefixtures`` so it is set before the module's server starts."""
+    saved = os.environ.get("ORCHESTRATOR_SAGAS")
+    os.environ["ORCHESTRATOR_SAGAS"] = "tests.orchestrator.sagas"
+    yield
+    if saved is None:
+        os.environ.pop("ORCHESTRATOR_SAGAS", None)
+    else:
+        os.environ["ORCHESTRATOR_SAGAS"] = saved

@@ -8,9 +8,7 @@ the server pushes the change to the open page: the test waits for it without rel
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -27,7 +25,11 @@ from tests.orchestrator import sagas
 from tracking.keys import service_key_create
 from tracking.models import AuditEntry
 
-pytestmark = [pytest.mark.live, pytest.mark.postgres]
+pytestmark = [
+    pytest.mark.live,
+    pytest.mark.postgres,
+    pytest.mark.usefixtures("server_defines_test_sagas", "test_sagas"),
+]
 
 REPORT_TO: dict[str, Any] = {}
 
@@ -36,26 +38,6 @@ def http_report(*, service: str, events: list[dict[str, Any]]) -> None:
     """The orchestrator's reporter for this test: the server's ingest API."""
     server: Server = REPORT_TO["server"]
     server.post_events(REPORT_TO["secrets"][service], events)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _server_defines_the_test_sagas() -> Iterator[None]:
-    """Set before the module's server starts (autouse fixtures come first in their scope)."""
-    saved = os.environ.get("ORCHESTRATOR_SAGAS")
-    os.environ["ORCHESTRATOR_SAGAS"] = "tests.orchestrator.sagas"
-    yield
-    if saved is None:
-        os.environ.pop("ORCHESTRATOR_SAGAS", None)
-    else:
-        os.environ["ORCHESTRATOR_SAGAS"] = saved
-
-
-@pytest.fixture(autouse=True)
-def _script() -> Iterator[None]:
-    sagas.SCRIPT.clear()
-    sagas.PLAN.clear()
-    yield
-    sagas.SCRIPT.clear()
 
 
 def drain_reporting_to(server: Server, settings: Any) -> int:

@@ -6,9 +6,7 @@ admin can start one there; a worker in this process runs it on the same database
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -23,27 +21,11 @@ from orchestrator.worker import Worker
 from tests.e2e.conftest import PHONE, login, screenshot, user_create
 from tests.orchestrator import sagas
 
-pytestmark = [pytest.mark.live, pytest.mark.postgres]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _server_defines_the_test_sagas() -> Iterator[None]:
-    """Set before the module's server starts (autouse fixtures come first in their scope)."""
-    saved = os.environ.get("ORCHESTRATOR_SAGAS")
-    os.environ["ORCHESTRATOR_SAGAS"] = "tests.orchestrator.sagas"
-    yield
-    if saved is None:
-        os.environ.pop("ORCHESTRATOR_SAGAS", None)
-    else:
-        os.environ["ORCHESTRATOR_SAGAS"] = saved
-
-
-@pytest.fixture(autouse=True)
-def _script() -> Iterator[None]:
-    sagas.SCRIPT.clear()
-    sagas.PLAN.clear()
-    yield
-    sagas.SCRIPT.clear()
+pytestmark = [
+    pytest.mark.live,
+    pytest.mark.postgres,
+    pytest.mark.usefixtures("server_defines_test_sagas", "test_sagas"),
+]
 
 
 def drain() -> int:

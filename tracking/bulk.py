@@ -18,7 +18,9 @@ from typing import Any
 
 import msgspec
 import psycopg
-from django.db import connection, models, transaction
+from django.db import IntegrityError, connection, models, transaction
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 
 Row = Sequence[Any]
 
@@ -68,17 +70,37 @@ def _shape(model: type[models.Model], columns: tuple[str, ...]) -> _Shape:
     )
 
 
+class _JsonbBinary(Dumper):
+    """Already-encoded JSON (bytes from msgspec) as binary ``jsonb``: version 1 + the text."""
+
+    format = Format.BINARY
+
+    def dump(self, obj: Any) -> bytes:
+        return b"\x01" + obj
+
+
+@functools.cache
+def _jsonb_dumper(oid: int) -> type[Dumper]:
+    return type("JsonbBinaryBytes", (_JsonbBinary,), {"oid": oid})
+
+
 def _copy(cursor: Any, table: str, shape: _Shape, rows: Sequence[Row]) -> None:
-    """COPY rows in text format; JSON columns go as their encoded text."""
+    """COPY rows in binary format (the columns' types are known, so psycopg's C
+    dumpers write them and PostgreSQL parses no text); JSON columns go as
+    msgspec-encoded bytes."""
     json_columns = shape.json
     encode = msgspec.json.encode
-    with cursor.cursor.copy(f"COPY {table} ({shape.names}) FROM STDIN") as copy:
+    raw = cursor.cursor
+    if json_columns:  # this cursor's own adapters: bytes stay bytea everywhere else
+        raw.adapters.register_dumper(None, _jsonb_dumper(raw.adapters.types["jsonb"].oid))
+    with raw.copy(f"COPY {table} ({shape.names}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(shape.array_types)
         for row in rows:
             if json_columns:
                 row = list(row)
                 for i in json_columns:
                     if row[i] is not None:
-                        row[i] = encode(row[i]).decode()
+                        row[i] = encode(row[i])
             copy.write_row(row)
 
 
@@ -252,8 +274,49 @@ def upsert(
 
 
 def append(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]) -> None:
-    """Append rows to an insert-only table."""
+    """Append rows to an insert-only table (on PostgreSQL many rows go by one COPY
+    straight into the table: there is no conflict to resolve, so no staging)."""
+    if _is_pg() and len(rows) >= COPY_MIN_ROWS:
+        shape = _shape(model, tuple(columns))
+        with connection.cursor() as cursor:
+            _copy(cursor, shape.table, shape, rows)
+        return
     _insert(model, columns, rows, "")
+
+
+def insert_new(
+    model: type[models.Model],
+    columns: Sequence[str],
+    rows: Sequence[Row],
+    *,
+    conflict: Sequence[str],
+    key: str,
+) -> list[Any]:
+    """INSERT rows, skipping those that conflict on ``conflict``; return the ``key``
+    values of the rows stored (``key`` is one of ``columns``).
+
+    Like :func:`insert_ignore_returning`, but on PostgreSQL many rows first go by
+    one COPY straight into the table, inside a savepoint: when nothing
+    conflicts (the usual case: reporters rarely resend) that skips the staging
+    table and the ``INSERT ... SELECT ... ON CONFLICT``. A unique violation
+    rolls back to the savepoint and takes the staged path, which sorts the
+    conflicts out row by row. Rows are written in the order given either way.
+    """
+    if _is_pg() and len(rows) >= COPY_MIN_ROWS:
+        shape = _shape(model, tuple(columns))
+        try:
+            with (
+                transaction.atomic(),
+                connection.cursor() as cursor,
+                connection.wrap_database_errors,  # psycopg's UniqueViolation as IntegrityError
+            ):
+                _copy(cursor, shape.table, shape, rows)
+        except IntegrityError:  # some rows exist already (or a concurrent batch wrote them)
+            pass
+        else:
+            at = list(columns).index(key)
+            return [row[at] for row in rows]
+    return insert_ignore_returning(model, columns, rows, conflict=conflict, returning=key)
 
 
 def update_rows(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]) -> None:

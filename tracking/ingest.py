@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import transaction
 
 from sagaadmin import telemetry
-from tracking.bulk import insert_ignore_returning
+from tracking.bulk import insert_new
 from tracking.models import Saga, Service, TelemetryEvent
 from tracking.projection import FoldEvent
 from tracking.protocol import (
@@ -354,7 +354,5 @@ def _insert_events(service: Service, valid: list[_Valid], received_at: datetime)
             )
         )
     return set(
-        insert_ignore_returning(
-            TelemetryEvent, _COLUMNS, rows, conflict=("service", "event_id"), returning="event_id"
-        )
+        insert_new(TelemetryEvent, _COLUMNS, rows, conflict=("service", "event_id"), key="event_id")
     )

@@ -105,6 +105,27 @@ def test_a_conflict_inside_one_batch_keeps_the_first(api, make_event) -> None:
     assert TelemetryEvent.objects.get(event_id=event["id"]).attempt == 1
 
 
+def test_a_large_batch_with_some_stored_events_stores_the_rest_and_names_the_others(
+    api, make_event
+) -> None:
+    # given a batch past the bulk-write threshold (tracking.bulk.COPY_MIN_ROWS: on
+    # PostgreSQL it goes by COPY first), three of whose events were stored before
+    events = [make_event("step.started", saga_id=f"saga-{i}", step="charge") for i in range(100)]
+    api.batch([events[10], events[50], events[90]])
+    events[50] = {**events[50], "attempt": 7}  # same id, other content
+    # when the whole batch is reported
+    results = api.batch(events).json()["results"]
+    # then the stored ones are a duplicate and a conflict, every other event is stored
+    statuses = [r["status"] for r in results]
+    assert statuses[10] == statuses[90] == "duplicate"
+    assert statuses[50] == "rejected"
+    assert results[50]["errors"][0]["field"] == "id"
+    assert statuses.count("accepted") == 97
+    assert TelemetryEvent.objects.count() == 100
+    assert TelemetryEvent.objects.get(event_id=events[50]["id"]).attempt == 1
+    assert Saga.objects.filter(event_count=1).count() == 100
+
+
 def test_a_duplicate_id_from_another_service_is_a_different_event(
     api, other_key, make_event
 ) -> None:

@@ -33,7 +33,12 @@ from tracking.protocol import (
     redact,
     redact_keys,
 )
-from tracking.read_model import read_model_create, read_model_refold, stored_events_get
+from tracking.read_model import (
+    ReadModelWrites,
+    read_model_create,
+    read_model_refold,
+    stored_events_get,
+)
 
 # An event as JSON bytes (the API) or as a dict built in this process (the OTLP mapping).
 RawEvent = msgspec.Raw | bytes | dict[str, Any]
@@ -265,8 +270,9 @@ def _store_and_project(
             results[v.index] = _conflict(v.index, v.event.id, "an event stored earlier")
     if not new_by_saga:
         return []
+    writes = ReadModelWrites()  # rollup deltas and notifications of both kinds, written once
     # Sagas seen for the first time: their rows straight from this batch's events.
-    created = read_model_create(events=new_by_saga)
+    created = read_model_create(events=new_by_saga, writes=writes)
     # The others: lock their rows, re-read every stored event, re-fold.
     known = sorted(s for s in new_by_saga if s not in created)
     if known:
@@ -277,7 +283,8 @@ def _store_and_project(
             .order_by("saga_id")
             .values_list(*LockedSaga.__dataclass_fields__)
         }
-        read_model_refold(sagas=sagas, events=stored_events_get(saga_ids=known))
+        read_model_refold(sagas=sagas, events=stored_events_get(saga_ids=known), writes=writes)
+    writes.write()
     return sorted(new_by_saga)
 
 

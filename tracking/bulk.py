@@ -206,30 +206,14 @@ def _arrays(shape: _Shape, rows: Sequence[Row]) -> list[list[Any]]:
     return columns
 
 
-class _PreparedCursor(psycopg.Cursor[Any]):
-    """A server-side-binding cursor whose statements are prepared on first use.
-
-    Django turns psycopg's automatic preparation off (``prepare_threshold``
-    None, for transaction-mode poolers); the few bulk statements here are
-    executed over and over with the same text, and planning an ``INSERT ...
-    SELECT ... FROM unnest(...) ON CONFLICT`` costs PostgreSQL more than
-    running it on a handful of rows. psycopg keeps the prepared statements per
-    connection (at most ``prepared_max``) and re-prepares after a schema change.
-    """
-
-    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        kwargs.setdefault("prepare", True)
-        return super().execute(query, params, **kwargs)
-
-
 def _server_side(sql: str, params: list[Any], *, returns: bool) -> list[Any]:
     """Execute with server-side binding: the arrays travel as parameters (no
     quoting them into the SQL text), in binary (``%b``: psycopg packs the
     elements instead of escaping each one as text, several times cheaper), and
-    the statement is prepared (:class:`_PreparedCursor`)."""
+    the repeated statement gets prepared."""
     connection.ensure_connection()
     with connection.wrap_database_errors:
-        raw_cursor = _PreparedCursor(connection.connection)
+        raw_cursor = psycopg.Cursor(connection.connection)
     cursor = (
         # django-stubs type these as taking a CursorWrapper; Django wraps a DB-API cursor
         connection.make_debug_cursor(raw_cursor)  # type: ignore[arg-type]

@@ -108,6 +108,16 @@ else:
     DATABASES["default"]["OPTIONS"].setdefault(
         "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5)
     )
+    # Django turns psycopg's statement preparation off (for transaction-mode
+    # poolers). Its own queries bind client-side and are never prepared anyway;
+    # what this prepares are the bulk writes' server-side statements
+    # (tracking/bulk.py), run over and over with the same text, whose planning
+    # costs PostgreSQL more than running them on a handful of rows. Empty:
+    # off (behind a transaction-mode PgBouncer older than 1.21).
+    _prepare = env.str("DATABASE_PREPARE_THRESHOLD", default="5")
+    DATABASES["default"]["OPTIONS"].setdefault(
+        "prepare_threshold", int(_prepare) if _prepare.strip() else None
+    )
     if env.bool("DATABASE_POOL", default=True):
         DATABASES["default"]["OPTIONS"]["pool"] = {
             "min_size": env.int("DATABASE_POOL_MIN_SIZE", default=1),

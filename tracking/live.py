@@ -7,8 +7,12 @@ the fragment is always the whole current state (docs/dashboard.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -16,6 +20,22 @@ from django.db import transaction
 
 log = logging.getLogger(__name__)
 LIVE_GROUP = "sagas"
+_local = threading.local()
+
+
+@contextmanager
+def pushes_on(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """Hand this thread's pushes to ``loop`` without waiting for them.
+
+    For the ingest fast path's flush threads: their transactions commit while
+    the server's event loop serves requests; waiting for the loop to run each
+    push (``async_to_sync``) would hold the next flush back for nothing.
+    """
+    _local.loop = loop
+    try:
+        yield
+    finally:
+        _local.loop = None
 
 
 def notify_sagas_changed(*, versions: Iterable[tuple[str, int]]) -> None:
@@ -29,7 +49,18 @@ def _push(deltas: list[dict[str, object]]) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
+    message = {"type": "sagas.changed", "deltas": deltas}
+    loop = getattr(_local, "loop", None)
     try:
-        async_to_sync(layer.group_send)(LIVE_GROUP, {"type": "sagas.changed", "deltas": deltas})
+        if loop is not None and loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(layer.group_send(LIVE_GROUP, message), loop)
+            future.add_done_callback(lambda f: _pushed(f, len(deltas)))
+        else:
+            async_to_sync(layer.group_send)(LIVE_GROUP, message)
     except Exception:  # a live page may miss a push; it must never fail ingest
         log.exception("live: could not push %d saga deltas", len(deltas))
+
+
+def _pushed(future: Future[None], count: int) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("live: could not push %d saga deltas", count, exc_info=future.exception())

@@ -227,3 +227,33 @@ def test_a_backlog_past_the_limit_is_refused_with_429_and_nothing_is_lost(
         "fp-2",
         "fp-3",
     ]
+
+
+def test_open_pages_get_the_deltas_of_events_posted_through_the_fast_path(endpoint) -> None:
+    # The flush thread hands its push to the server's loop without waiting (live.pushes_on).
+    from channels.testing import WebsocketCommunicator
+    from django.contrib.auth import get_user_model
+
+    from tests.conftest import role_group
+    from tracking.consumers import SagaLiveConsumer
+
+    key = service_key_create(service_name="payment").secret
+
+    def viewer() -> Any:
+        user = get_user_model().objects.create_user("fp-watcher", password="pw-watch-123")
+        user.groups.add(role_group("viewer"))
+        return user
+
+    async def main() -> Any:
+        page = WebsocketCommunicator(SagaLiveConsumer.as_asgi(), "/ws/sagas")
+        page.scope["user"] = await sync_to_async(viewer)()
+        connected, _ = await page.connect()
+        assert connected
+        status, _, _ = await call(endpoint, {"events": [event(1, saga="fp-live")]}, key=key)
+        assert status == 200
+        pushed = await page.receive_json_from(timeout=2)
+        await page.disconnect()
+        return pushed
+
+    pushed = asyncio.run(main())
+    assert pushed == {"type": "sagas.changed", "deltas": [{"saga_id": "fp-live", "version": 1}]}

@@ -28,6 +28,7 @@ from django.db import close_old_connections, connection, transaction
 
 from sagaadmin import telemetry
 from sagaadmin.problems import problem_bytes
+from tracking import live
 from tracking.api.ingest import (
     DB_UNAVAILABLE,
     UNKNOWN_KEY,
@@ -88,6 +89,7 @@ class IngestBatcher:
         self.backlog = 0  # events in ``pending``
         self.pending: list[_Job] = []
         self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, where pushes run
         self._task: asyncio.Task[None] | None = None  # keeps the drain task referenced
         # One thread, so the flushes of this process share one database connection.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
@@ -101,7 +103,8 @@ class IngestBatcher:
     async def submit(self, service: Service, raws: Sequence[RawEvent]) -> IngestResult:
         if self.backlog and self.backlog + len(raws) > self.max_backlog:
             raise Overloaded(f"{self.backlog} events are waiting for the database")
-        future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        future: asyncio.Future[IngestResult] = self.loop.create_future()
         self.pending.append(_Job(service, raws, future))
         self.backlog += len(raws)
         if not self.draining:
@@ -127,6 +130,7 @@ class IngestBatcher:
 
     def flush(self, batch: list[_Job]) -> None:
         """Store a batch: one transaction per service; settle every job's future."""
+        assert self.loop is not None  # set by submit(), which queued these jobs
         by_service: dict[int, list[_Job]] = defaultdict(list)
         for job in batch:
             by_service[job.service.pk].append(job)
@@ -134,7 +138,7 @@ class IngestBatcher:
             raws = [raw for job in jobs for raw in job.raws]
             try:
                 close_old_connections()
-                with transaction.atomic(durable=True):
+                with live.pushes_on(self.loop), transaction.atomic(durable=True):
                     result = events_ingest(service=jobs[0].service, raws=raws)
             except BaseException as exc:
                 if isinstance(exc, DB_UNAVAILABLE):

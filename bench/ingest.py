@@ -85,7 +85,7 @@ STEPS = ("order", "payment", "stock")
 BAR_BATCH, BAR_SINGLE = 0.25, 0.30
 # Request bodies are pre-generated for up to these rates; a phase whose clients
 # run out earlier is measured up to that moment (and says so).
-MAX_BATCH_EVENTS_PER_S = 60_000  # per run; clients are not served evenly: room for 2x
+MAX_BATCH_EVENTS_PER_S = 100_000  # per run; clients are not served evenly: room for 3x
 MAX_SINGLE_EVENTS_PER_S = 6_000
 # Raw phases cycle through a pool of rows, under a new service_id on every pass.
 RAW_POOL_ROWS = 10_000

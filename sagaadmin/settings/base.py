@@ -253,6 +253,8 @@ SAGAADMIN = {
     # ASGI fast path back-pressure: past this many events waiting for the database,
     # POST /api/v1/events and the OTLP receiver answer 429 with Retry-After.
     "INGEST_MAX_BACKLOG_EVENTS": env.int("SAGAADMIN_INGEST_MAX_BACKLOG_EVENTS", default=50_000),
+    # Group commit: how long a flush may wait for requests likely to come (docs/decisions/0008).
+    "INGEST_LINGER_MS": env.float("SAGAADMIN_INGEST_LINGER_MS", default=2.0),
     # OTLP receiver: most bytes after decompression, most spans per request
     "OTLP_MAX_BYTES": env.int("SAGAADMIN_OTLP_MAX_BYTES", default=8 * 1024 * 1024),
     "OTLP_MAX_SPANS": env.int("SAGAADMIN_OTLP_MAX_SPANS", default=10_000),

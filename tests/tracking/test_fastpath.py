@@ -257,3 +257,53 @@ def test_open_pages_get_the_deltas_of_events_posted_through_the_fast_path(endpoi
 
     pushed = asyncio.run(main())
     assert pushed == {"type": "sagas.changed", "deltas": [{"saga_id": "fp-live", "version": 1}]}
+
+
+@pytest.mark.parametrize(("linger", "expected_flushes"), [(0.5, [1, 3]), (0.0, [1, 2, 1])])
+def test_a_flush_lingers_for_the_clients_of_the_last_cycle(
+    service_key: Any, linger: float, expected_flushes: list[int]
+) -> None:
+    """Three reporters took part in a cycle (one flushed, two waiting for it); once the
+    first is answered and reports again, the next flush has waited (up to ``linger``)
+    for it instead of committing the other two without it."""
+    import threading
+
+    endpoint = IngestEndpoint()
+    endpoint.batcher.linger = linger
+    gate = threading.Event()
+    flushes: list[int] = []
+    flush = endpoint.batcher.flush
+
+    def counted(batch: Any) -> None:
+        gate.wait(10)
+        flushes.append(len(batch))
+        flush(batch)
+
+    endpoint.batcher.flush = counted  # type: ignore[method-assign]
+    endpoint.batcher._flush = sync_to_async(
+        counted, thread_sensitive=False, executor=endpoint.batcher.executor
+    )
+
+    def post(i: int) -> Any:
+        body = {"events": [event(i, saga=f"linger-{i}")]}
+        return call(endpoint, body, key=service_key.secret)
+
+    async def scenario() -> list[Any]:
+        first = asyncio.create_task(post(0))
+        await asyncio.sleep(0.1)  # its flush is running (held at the gate)
+        waiting = [asyncio.create_task(post(1)), asyncio.create_task(post(2))]
+        await asyncio.sleep(0.05)
+        gate.set()
+        answered = await first
+        await asyncio.sleep(0.05)  # the network and the reporter take a moment
+        again = await post(3)  # the first reporter's next report
+        return [answered, *[await w for w in waiting], again]
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        gate.set()
+        endpoint.batcher.close()
+    assert [status for status, _, _ in answers] == [200] * 4
+    assert flushes == expected_flushes
+    assert TelemetryEvent.objects.count() == 4

@@ -148,93 +148,127 @@ class Mapped:
 
 def spans_map(request: ExportTraceServiceRequest) -> Mapped:
     out = Mapped()
+    events, span_of, span_ids = out.events, out.span_of, out.span_ids
     for resource_spans in request.resource_spans:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 index = out.spans
                 out.spans += 1
-                out.span_ids.append(span.span_id.hex())
+                span_id = span.span_id.hex()
+                span_ids.append(span_id)
                 try:
-                    events = span_events(span)
+                    mapped = span_events(span, span_id)
                 except ValueError as exc:
                     out.invalid[index] = str(exc)
                     continue
-                if events is None:
+                if mapped is None:
                     out.ignored += 1
                     continue
-                out.events.extend(events)
-                out.span_of.extend([index] * len(events))
+                events += mapped
+                span_of += [index] * len(mapped)
     return out
 
 
-def span_events(span: Span) -> list[dict[str, Any]] | None:
-    """The protocol events of one span; None when it carries no saga id."""
+def span_events(span: Span, span_id: str | None = None) -> list[dict[str, Any]] | None:
+    """The protocol events of one span; None when it carries no saga id.
+
+    Runs for every span of every export, so it is written for speed: one dict of
+    attributes, each event dict built in one expression.
+    """
     attrs = _attributes(span.attributes)
-    operation = attrs.get("messaging.operation.type") or attrs.get("messaging.operation")
-    messaging = operation in PUBLISH_OPERATIONS or operation in CONSUME_OPERATIONS
-    saga_id = attrs.get("sagaadmin.saga.id")
+    get = attrs.get
+    operation = get("messaging.operation.type") or get("messaging.operation")
+    publish = operation in PUBLISH_OPERATIONS
+    messaging = publish or operation in CONSUME_OPERATIONS
+    saga_id = get("sagaadmin.saga.id")
     if saga_id in (None, "") and messaging:  # a conversation id names a saga on messages only
-        saga_id = attrs.get("messaging.message.conversation_id")
+        saga_id = get("messaging.message.conversation_id")
     if saga_id in (None, ""):
         return None
-    step = attrs.get("sagaadmin.step.name")
-    root = attrs.get("sagaadmin.saga.root") is True or "sagaadmin.saga.outcome" in attrs
-    if step in (None, "") and not messaging and not root:
+    step = get("sagaadmin.step.name")
+    has_step = step not in (None, "")
+    root = get("sagaadmin.saga.root") is True or "sagaadmin.saga.outcome" in attrs
+    if not has_step and not messaging and not root:
         return None  # an incidental span of the saga (an HTTP call, an ack): not an event
     if len(span.trace_id) != 16 or len(span.span_id) != 8:
         raise ValueError("trace_id must be 16 bytes and span_id 8")
-    if not span.start_time_unix_nano:
+    start_nano = span.start_time_unix_nano
+    if not start_nano:
         raise ValueError("start_time_unix_nano: missing")
-    trace, span_id = span.trace_id.hex(), span.span_id.hex()
+    trace = span.trace_id.hex()
+    if span_id is None:
+        span_id = span.span_id.hex()
     prefix = f"otel-{trace}-{span_id}-"
     base: dict[str, Any] = {"saga_id": str(saga_id), "trace_id": trace, "span_id": span_id}
-    if attrs.get("sagaadmin.saga.type"):
-        base["saga_type"] = str(attrs["sagaadmin.saga.type"])
+    saga_type = get("sagaadmin.saga.type")
+    if saga_type:
+        base["saga_type"] = str(saga_type)
     end_nano = span.end_time_unix_nano
-    start, end = _time(span.start_time_unix_nano), _time(end_nano) if end_nano else ""
+    start = _time(start_nano)
     failed = span.status.code == Status.STATUS_CODE_ERROR
 
-    def event(suffix: str, type: str, at: str, fields: dict[str, Any] | None) -> dict[str, Any]:
-        out = {"id": prefix + suffix, "type": type, "occurred_at": at, **base}
-        if fields:
-            out.update(fields)
-        return out
-
-    if step not in (None, ""):
-        phase = attrs.get("sagaadmin.step.phase", "forward")
-        if phase not in ("forward", "compensation"):
+    if has_step:
+        phase = get("sagaadmin.step.phase", "forward")
+        if phase == "forward":
+            kind = "step"
+        elif phase == "compensation":
+            kind = "compensation"
+        else:
             raise ValueError(f"sagaadmin.step.phase: 'forward' or 'compensation', not '{phase}'")
-        kind = "step" if phase == "forward" else "compensation"
         try:
-            attempt = int(attrs.get("sagaadmin.step.attempt", 1))
+            attempt = int(get("sagaadmin.step.attempt", 1))
         except (TypeError, ValueError):
             raise ValueError("sagaadmin.step.attempt: a whole number") from None
-        step_fields = {"step": str(step), "attempt": attempt}
-        events = [event("start", f"{kind}.started", start, step_fields)]
+        step = str(step)
+        events = [
+            {
+                "id": prefix + "start",
+                "type": kind + ".started",
+                "occurred_at": start,
+                **base,
+                "step": step,
+                "attempt": attempt,
+            }
+        ]
         if end_nano:
+            end_event = {
+                "id": prefix + "end",
+                "type": kind + (".failed" if failed else ".succeeded"),
+                "occurred_at": _time(end_nano),
+                **base,
+                "step": step,
+                "attempt": attempt,
+            }
             if failed:
-                fields = {**step_fields, "error": _error(span)}
-                events.append(event("end", f"{kind}.failed", end, fields))
-            else:
-                events.append(event("end", f"{kind}.succeeded", end, step_fields))
+                end_event["error"] = _error(span)
+            events.append(end_event)
         return events
     if messaging:
         message = {
-            "name": str(attrs.get("messaging.destination.name") or span.name)[:200],
-            "id": str(attrs.get("messaging.message.id") or span_id)[:200],
+            "name": str(get("messaging.destination.name") or span.name)[:200],
+            "id": str(get("messaging.message.id") or span_id)[:200],
         }
-        type = "message.published" if operation in PUBLISH_OPERATIONS else "message.consumed"
-        return [event("msg", type, start, {"message": message})]
-    events = [event("start", "saga.started", start, None)]
+        return [
+            {
+                "id": prefix + "msg",
+                "type": "message.published" if publish else "message.consumed",
+                "occurred_at": start,
+                **base,
+                "message": message,
+            }
+        ]
+    events = [{"id": prefix + "start", "type": "saga.started", "occurred_at": start, **base}]
     if end_nano:
-        outcome = attrs.get("sagaadmin.saga.outcome")
+        outcome = get("sagaadmin.saga.outcome")
         if outcome is not None and outcome not in OUTCOMES:
             raise ValueError(
                 f"sagaadmin.saga.outcome: one of {', '.join(OUTCOMES)}, not '{outcome}'"
             )
         type = OUTCOMES[outcome] if outcome else ("saga.failed" if failed else "saga.completed")
-        error = {"error": _error(span)} if type != "saga.completed" and failed else None
-        events.append(event("end", type, end, error))
+        end_event = {"id": prefix + "end", "type": type, "occurred_at": _time(end_nano), **base}
+        if type != "saga.completed" and failed:
+            end_event["error"] = _error(span)
+        events.append(end_event)
     return events
 
 

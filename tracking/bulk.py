@@ -133,7 +133,8 @@ def _stage(shape: _Shape, rows: Sequence[Row]) -> str:
         else:
             filled.add(stage)
             transaction.on_commit(lambda: filled.discard(stage))
-        _copy(cursor, shape.stage, shape, rows)
+        with connection.wrap_database_errors:  # psycopg's errors as Django's (503, not 500)
+            _copy(cursor, shape.stage, shape, rows)
     return shape.stage
 
 
@@ -280,7 +281,7 @@ def append(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row
     straight into the table: there is no conflict to resolve, so no staging)."""
     if _is_pg() and len(rows) >= COPY_MIN_ROWS:
         shape = _shape(model, tuple(columns))
-        with connection.cursor() as cursor:
+        with connection.cursor() as cursor, connection.wrap_database_errors:
             _copy(cursor, shape.table, shape, rows)
         return
     _insert(model, columns, rows, "")

@@ -21,6 +21,10 @@ from django.db import transaction
 log = logging.getLogger(__name__)
 LIVE_GROUP = "sagas"
 _local = threading.local()
+# Pushes handed to the loop and not yet done, at most this many per process: past
+# it (a slow channel layer) a flush waits for its push again, as before.
+MAX_PUSHES_IN_FLIGHT = 100
+_in_flight = threading.BoundedSemaphore(MAX_PUSHES_IN_FLIGHT)
 
 
 @contextmanager
@@ -29,7 +33,9 @@ def pushes_on(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
 
     For the ingest fast path's flush threads: their transactions commit while
     the server's event loop serves requests; waiting for the loop to run each
-    push (``async_to_sync``) would hold the next flush back for nothing.
+    push (``async_to_sync``) would hold the next flush back for nothing. At most
+    ``MAX_PUSHES_IN_FLIGHT`` pushes wait on the loop; past that (the channel
+    layer is slow) pushes wait again, so they cannot pile up.
     """
     _local.loop = loop
     try:
@@ -52,7 +58,7 @@ def _push(deltas: list[dict[str, object]]) -> None:
     message = {"type": "sagas.changed", "deltas": deltas}
     loop = getattr(_local, "loop", None)
     try:
-        if loop is not None and loop.is_running():
+        if loop is not None and loop.is_running() and _in_flight.acquire(blocking=False):
             future = asyncio.run_coroutine_threadsafe(layer.group_send(LIVE_GROUP, message), loop)
             future.add_done_callback(lambda f: _pushed(f, len(deltas)))
         else:
@@ -62,5 +68,6 @@ def _push(deltas: list[dict[str, object]]) -> None:
 
 
 def _pushed(future: Future[None], count: int) -> None:
+    _in_flight.release()
     if not future.cancelled() and future.exception() is not None:
         log.error("live: could not push %d saga deltas", count, exc_info=future.exception())

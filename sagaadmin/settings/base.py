@@ -113,7 +113,8 @@ else:
     # what this prepares are the bulk writes' server-side statements
     # (tracking/bulk.py), run over and over with the same text, whose planning
     # costs PostgreSQL more than running them on a handful of rows. Empty:
-    # off (behind a transaction-mode PgBouncer older than 1.21).
+    # off (behind a transaction-mode PgBouncer, unless it is 1.21+ with
+    # max_prepared_statements > 0).
     _prepare = env.str("DATABASE_PREPARE_THRESHOLD", default="5")
     DATABASES["default"]["OPTIONS"].setdefault(
         "prepare_threshold", int(_prepare) if _prepare.strip() else None

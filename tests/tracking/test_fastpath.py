@@ -259,7 +259,9 @@ def test_open_pages_get_the_deltas_of_events_posted_through_the_fast_path(endpoi
     assert pushed == {"type": "sagas.changed", "deltas": [{"saga_id": "fp-live", "version": 1}]}
 
 
-@pytest.mark.parametrize(("linger", "expected_flushes"), [(0.5, [1, 3]), (0.0, [1, 2, 1])])
+@pytest.mark.parametrize(
+    ("linger", "expected_flushes"), [(0.5, [1, 3, 1, 1]), (0.0, [1, 2, 1, 1, 1])]
+)
 def test_a_flush_lingers_for_the_clients_of_the_last_cycle(
     service_key: Any, linger: float, expected_flushes: list[int]
 ) -> None:
@@ -297,13 +299,17 @@ def test_a_flush_lingers_for_the_clients_of_the_last_cycle(
         answered = await first
         await asyncio.sleep(0.05)  # the network and the reporter take a moment
         again = await post(3)  # the first reporter's next report
-        return [answered, *[await w for w in waiting], again]
+        await asyncio.sleep(0.6)  # a quiet spell, longer than the linger
+        after_quiet = asyncio.create_task(post(4))  # flushed at once: nothing waits for others
+        await asyncio.sleep(0.05)
+        late = await post(5)
+        return [answered, *[await w for w in waiting], again, await after_quiet, late]
 
     try:
         answers = asyncio.run(scenario())
     finally:
         gate.set()
         endpoint.batcher.close()
-    assert [status for status, _, _ in answers] == [200] * 4
+    assert [status for status, _, _ in answers] == [200] * 6
     assert flushes == expected_flushes
-    assert TelemetryEvent.objects.count() == 4
+    assert TelemetryEvent.objects.count() == 6

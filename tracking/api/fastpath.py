@@ -75,8 +75,8 @@ class IngestBatcher:
     """Coalesces concurrent ingest requests into few transactions (one flush at a time).
 
     Linger: when fewer requests wait than took part in the last cycle (the flush
-    just done and those that waited for it), the next flush waits up to
-    ``linger`` seconds for the rest: clients just answered usually send their
+    just done and those that waited for it), the next flush waits for the rest,
+    until ``linger`` seconds after the last flush ended: clients just answered usually send their
     next report within a millisecond, and one flush of all of them costs much
     less than two. Under light load (one request per cycle) nothing waits.
 
@@ -105,6 +105,7 @@ class IngestBatcher:
             linger if linger is not None else settings.SAGAADMIN["INGEST_LINGER_MS"] / 1000
         )
         self.expected = 0  # requests in the last cycle: the one flushed and those waiting
+        self._last_flush_end = 0.0
         self._arrived = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, where pushes run
         self._task: asyncio.Task[None] | None = None  # keeps the drain task referenced
@@ -133,13 +134,14 @@ class IngestBatcher:
         return await future
 
     async def _gather(self) -> None:
-        """Linger (at most ``linger`` s) while fewer requests wait than took part in the
-        last cycle: the clients just answered are likely sending their next report, and
-        one flush of all of them costs little more than a flush of half (most of a flush
-        is the same dozen statements whatever its size; docs/decisions/0008)."""
+        """Linger (until ``linger`` s after the last flush ended) while fewer requests
+        wait than took part in the last cycle: the clients just answered are likely
+        sending their next report, and one flush of all of them costs little more than
+        a flush of half (most of a flush is the same dozen statements whatever its
+        size; docs/decisions/0008). After a quiet spell nothing waits."""
         if self.linger <= 0:
             return
-        deadline = time.monotonic() + self.linger
+        deadline = self._last_flush_end + self.linger  # after a quiet spell: no wait at all
         while len(self.pending) < self.expected and self.backlog < self.max_events:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -165,6 +167,7 @@ class IngestBatcher:
                     size += len(job.raws)
                 await self._flush(batch)
                 self.expected = len(batch) + len(self.pending)
+                self._last_flush_end = time.monotonic()
         finally:
             self.draining = False
 

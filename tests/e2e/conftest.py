@@ -227,14 +227,20 @@ def screenshot(page: Any, name: str) -> Path:
     return path
 
 
+def environ_set(name: str, value: str) -> Iterator[None]:
+    """Body of a module fixture: ``name=value`` in the environment while it is active
+    (so a server the module starts afterwards sees it), the old value back after."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    yield
+    if saved is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = saved
+
+
 @pytest.fixture(scope="module")
 def server_defines_test_sagas() -> Iterator[None]:
     """The module's server imports the orchestrator's test sagas (tests/orchestrator/sagas.py).
     Request it with ``usefixtures`` so it is set before the module's server starts."""
-    saved = os.environ.get("ORCHESTRATOR_SAGAS")
-    os.environ["ORCHESTRATOR_SAGAS"] = "tests.orchestrator.sagas"
-    yield
-    if saved is None:
-        os.environ.pop("ORCHESTRATOR_SAGAS", None)
-    else:
-        os.environ["ORCHESTRATOR_SAGAS"] = saved
+    yield from environ_set("ORCHESTRATOR_SAGAS", "tests.orchestrator.sagas")

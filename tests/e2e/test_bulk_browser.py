@@ -7,7 +7,6 @@ its own database connection, while the open job page polls its progress bar.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 from django.db import connections
 from playwright.sync_api import expect
 
-from tests.e2e.conftest import Server, login, screenshot, user_create
+from tests.e2e.conftest import Server, environ_set, login, screenshot, user_create
 from tests.tracking.test_bulk_actions import failed_sagas
 from tracking.bulk_actions import bulk_work
 from tracking.models import BulkJob
@@ -31,13 +30,7 @@ SAGAS = 40
 @pytest.fixture(scope="module", autouse=True)
 def _server_starts_jobs_at_rate_zero() -> Iterator[None]:
     """Set before the module's server starts (autouse fixtures come first in their scope)."""
-    saved = os.environ.get("SAGAADMIN_BULK_RATE_PER_SECOND")
-    os.environ["SAGAADMIN_BULK_RATE_PER_SECOND"] = "0"
-    yield
-    if saved is None:
-        os.environ.pop("SAGAADMIN_BULK_RATE_PER_SECOND", None)
-    else:
-        os.environ["SAGAADMIN_BULK_RATE_PER_SECOND"] = saved
+    yield from environ_set("SAGAADMIN_BULK_RATE_PER_SECOND", "0")
 
 
 def work_slowly() -> int:

@@ -69,6 +69,14 @@ async def asgi_post(
     return sent[0]["status"], head, sent[1]["body"]
 
 
+def flush_replace(endpoint: IngestEndpoint, flush: Any) -> None:
+    """Make the batcher run ``flush`` (on its flush thread) instead of its own."""
+    endpoint.batcher.flush = flush  # type: ignore[method-assign]
+    endpoint.batcher._flush = sync_to_async(
+        flush, thread_sensitive=False, executor=endpoint.batcher.executor
+    )
+
+
 def event(i: int, saga: str = "fp-1", **extra: Any) -> dict[str, Any]:
     return {
         "id": f"fp-{i}",
@@ -83,10 +91,7 @@ def test_concurrent_requests_share_flushes_and_get_their_own_results(endpoint) -
     key = service_key_create(service_name="payment").secret
     flushes = []
     original = endpoint.batcher.flush
-    endpoint.batcher.flush = lambda batch: (flushes.append(len(batch)), original(batch))[1]  # type: ignore[method-assign]
-    endpoint.batcher._flush = __import__("asgiref.sync").sync.sync_to_async(  # type: ignore[attr-defined]
-        endpoint.batcher.flush, thread_sensitive=False, executor=endpoint.batcher.executor
-    )
+    flush_replace(endpoint, lambda batch: (flushes.append(len(batch)), original(batch))[1])
 
     async def main() -> list[tuple[int, dict[str, str], Any]]:
         requests = []
@@ -196,10 +201,7 @@ def test_a_backlog_past_the_limit_is_refused_with_429_and_nothing_is_lost(
         gate.wait(10)
         flush(batch)
 
-    endpoint.batcher.flush = slow_flush  # type: ignore[method-assign]
-    endpoint.batcher._flush = sync_to_async(  # the flush thread now waits for the gate
-        slow_flush, thread_sensitive=False, executor=endpoint.batcher.executor
-    )
+    flush_replace(endpoint, slow_flush)  # the flush thread now waits for the gate
 
     async def scenario() -> list[Any]:
         first = asyncio.create_task(call(endpoint, {"events": [event(1)]}, key=service_key.secret))
@@ -281,10 +283,7 @@ def test_a_flush_lingers_for_the_clients_of_the_last_cycle(
         flushes.append(len(batch))
         flush(batch)
 
-    endpoint.batcher.flush = counted  # type: ignore[method-assign]
-    endpoint.batcher._flush = sync_to_async(
-        counted, thread_sensitive=False, executor=endpoint.batcher.executor
-    )
+    flush_replace(endpoint, counted)
 
     def post(i: int) -> Any:
         body = {"events": [event(i, saga=f"linger-{i}")]}

@@ -140,34 +140,47 @@ class SagaState:
     prepared: dict[tuple[str, str], FoldEvent] = field(default_factory=dict)
 
 
-def order_events(events: Iterable[FoldEvent]) -> list[FoldEvent]:
-    """Deduplicate by (service, event_id) and sort into the canonical order."""
+# The canonical sort key of an event: (effective time, rank, service, sequence or -1, id).
+SortKey = tuple[datetime, int, str, int, str]
+# Per reporting service, of its last sequenced event: ((sequence, rank, id), its
+# effective time, the latest reporter time among that service's sequenced events).
+Tail = tuple[tuple[int, int, str], datetime, datetime]
+
+
+def _ordered(
+    events: Iterable[FoldEvent],
+) -> tuple[list[tuple[SortKey, FoldEvent]], dict[str, Tail]]:
+    """Deduplicate by (service, event_id); each event with its canonical sort key, sorted;
+    and each service's :data:`Tail` (what :meth:`Fold.extend` needs to place later events)."""
     unique = {(e.service, e.event_id): e for e in events}
     by_service: dict[str, list[FoldEvent]] = defaultdict(list)
-    effective: dict[tuple[str, str], datetime] = {}
+    keyed: list[tuple[SortKey, FoldEvent]] = []
+    tails: dict[str, Tail] = {}
     for e in unique.values():
         if e.sequence is None:
-            effective[(e.service, e.event_id)] = e.occurred_at
+            keyed.append(((e.occurred_at, RANK[e.type], e.service, -1, e.event_id), e))
         else:
             by_service[e.service].append(e)
-    for group in by_service.values():
+    for service, group in by_service.items():
         group.sort(key=lambda e: (e.sequence, RANK[e.type], e.event_id))
         times = sorted(e.occurred_at for e in group)
         previous: datetime | None = None
         for e, t in zip(group, times, strict=True):
             if previous is not None and t <= previous:
                 t = previous + _ONE_US
-            effective[(e.service, e.event_id)] = previous = t
-    return sorted(
-        unique.values(),
-        key=lambda e: (
-            effective[(e.service, e.event_id)],
-            RANK[e.type],
-            e.service,
-            -1 if e.sequence is None else e.sequence,
-            e.event_id,
-        ),
-    )
+            previous = t
+            assert e.sequence is not None
+            keyed.append(((t, RANK[e.type], service, e.sequence, e.event_id), e))
+        last = group[-1]
+        assert previous is not None and last.sequence is not None
+        tails[service] = ((last.sequence, RANK[last.type], last.event_id), previous, times[-1])
+    keyed.sort(key=lambda k: k[0])
+    return keyed, tails
+
+
+def order_events(events: Iterable[FoldEvent]) -> list[FoldEvent]:
+    """Deduplicate by (service, event_id) and sort into the canonical order."""
+    return [e for _, e in _ordered(events)[0]]
 
 
 def _ms(start: datetime | None, end: datetime | None) -> int | None:
@@ -178,14 +191,106 @@ def _ms(start: datetime | None, end: datetime | None) -> int | None:
 
 def fold(saga_id: str, events: Iterable[FoldEvent], *, skew_threshold: timedelta) -> SagaState:
     """Fold a saga's events (any order, duplicates allowed) into its state."""
-    state = SagaState(saga_id=saga_id)
-    services: set[str] = set()
-    flags: set[str] = set()
-    for e in order_events(events):
+    return Fold.of(saga_id, events, skew_threshold=skew_threshold).state
+
+
+class Fold:
+    """A saga's fold that can take more events later without re-reading the earlier ones.
+
+    :meth:`of` folds a set of events (what :func:`fold` returns is its
+    ``state``). :meth:`extend` applies new events when every one of them sorts
+    after all those folded so far and leaves their effective times alone, which
+    is exactly when folding everything again would apply the same events in
+    the same order to the same state; otherwise it applies nothing and says so,
+    and the caller folds the whole set again (ingest keeps folds per process:
+    tracking/fold_cache.py). ``state`` is updated in place.
+    """
+
+    __slots__ = ("_flags", "_last", "_services", "_tails", "skew_threshold", "state")
+
+    def __init__(self, saga_id: str, *, skew_threshold: timedelta) -> None:
+        self.state = SagaState(saga_id=saga_id)
+        self.skew_threshold = skew_threshold
+        self._services: set[str] = set()
+        self._flags: set[str] = set()
+        self._last: SortKey | None = None  # of the last event applied
+        self._tails: dict[str, Tail] = {}
+
+    @classmethod
+    def of(cls, saga_id: str, events: Iterable[FoldEvent], *, skew_threshold: timedelta) -> Fold:
+        folded = cls(saga_id, skew_threshold=skew_threshold)
+        keyed, folded._tails = _ordered(events)
+        for _, e in keyed:
+            folded._apply(e)
+        if keyed:
+            folded._last = keyed[-1][0]
+        folded._finish()
+        return folded
+
+    def extend(self, events: Iterable[FoldEvent]) -> set[str] | None:
+        """Apply ``events`` (new to this fold) if they all sort after the folded ones;
+        return the names of the steps they touched, or None (nothing applied)."""
+        planned = self._plan(events)
+        if planned is None:
+            return None
+        keyed, tails = planned
+        touched: set[str] = set()
+        for _, e in keyed:
+            self._apply(e)
+            if e.step and e.step in self.state.steps:
+                touched.add(e.step)
+        if keyed:
+            self._last = keyed[-1][0]
+        self._tails = tails
+        self._finish()
+        return touched
+
+    def _plan(
+        self, events: Iterable[FoldEvent]
+    ) -> tuple[list[tuple[SortKey, FoldEvent]], dict[str, Tail]] | None:
+        """The events' sort keys as :func:`_ordered` would give them among all the
+        events, or None when one would sort before a folded event or move one.
+
+        A sequenced event keeps every earlier effective time of its service only
+        if it comes last in the service's sequence order and no earlier reporter
+        time of that service is later than its own (the sorted times then gain
+        it at the end)."""
+        tails = dict(self._tails)
+        keyed: list[tuple[SortKey, FoldEvent]] = []
+        by_service: dict[str, list[FoldEvent]] = defaultdict(list)
+        for e in events:
+            if e.sequence is None:
+                keyed.append(((e.occurred_at, RANK[e.type], e.service, -1, e.event_id), e))
+            else:
+                by_service[e.service].append(e)
+        for service, group in by_service.items():
+            group.sort(key=lambda e: (e.sequence, RANK[e.type], e.event_id))
+            tail = tails.get(service)
+            for e in group:
+                assert e.sequence is not None
+                order = (e.sequence, RANK[e.type], e.event_id)
+                t = e.occurred_at
+                latest = t
+                if tail is not None:
+                    if order <= tail[0] or t < tail[2]:
+                        return None
+                    if t <= tail[1]:
+                        t = tail[1] + _ONE_US
+                tail = (order, t, latest)
+                keyed.append(((t, RANK[e.type], service, e.sequence, e.event_id), e))
+            assert tail is not None
+            tails[service] = tail
+        keyed.sort(key=lambda k: k[0])
+        if keyed and self._last is not None and keyed[0][0] <= self._last:
+            return None
+        return keyed, tails
+
+    def _apply(self, e: FoldEvent) -> None:
+        state = self.state
         state.event_count += 1
-        services.add(e.service)
-        if abs(e.received_at - e.occurred_at) > skew_threshold:
-            flags.add("clock_skew")
+        self._services.add(e.service)
+        if abs(e.received_at - e.occurred_at) > self.skew_threshold:
+            self._flags.add("clock_skew")
         if e.trace_id and e.trace_id not in state.trace_ids:
             state.trace_ids.append(e.trace_id)
         if state.last_received_at is None or e.received_at > state.last_received_at:
@@ -203,13 +308,15 @@ def fold(saga_id: str, events: Iterable[FoldEvent], *, skew_threshold: timedelta
                     "reason": f"{e.type} after the saga was {state.status}",
                 }
             )
-            flags.add("anomaly")
-            continue
+            self._flags.add("anomaly")
+            return
         _apply(state, e)
-    state.services = sorted(services)
-    state.flags = sorted(flags)
-    state.duration_ms = _ms(state.started_at, state.ended_at)
-    return state
+
+    def _finish(self) -> None:
+        state = self.state
+        state.services = sorted(self._services)
+        state.flags = sorted(self._flags)
+        state.duration_ms = _ms(state.started_at, state.ended_at)
 
 
 def _step(state: SagaState, e: FoldEvent) -> StepState:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracking.projection import EVENT_ORDER_RANK_TYPES, FoldEvent, fold, order_events
+from tracking.projection import EVENT_ORDER_RANK_TYPES, Fold, FoldEvent, fold, order_events
 
 T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 SKEW = timedelta(seconds=30)
@@ -229,3 +229,86 @@ def test_a_step_retried_after_the_saga_failed_reopens_it() -> None:
         "s", [*failed, ev(4, "step.succeeded", "ship")], skew_threshold=timedelta(seconds=30)
     )
     assert late.status == "failed" and [a["type"] for a in late.anomalies] == ["step.succeeded"]
+
+
+# --- Fold.extend: applying later events to a kept fold (ingest's fold cache) ----
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(event_strategy, min_size=1, max_size=30, unique_by=_store_key), data=st.data()
+)
+def test_an_extended_fold_equals_the_fold_of_all_events_whenever_it_extends(events, data) -> None:  # type: ignore[no-untyped-def]
+    # given the events arriving in random order, in up to four batches
+    arrived = data.draw(st.permutations(events))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(arrived)), max_size=3)))
+    batches = [arrived[a:b] for a, b in zip([0, *cuts], [*cuts, len(arrived)], strict=True)]
+    # when a fold of the first batch takes each later batch, or refuses it
+    kept = Fold.of("s", batches[0], skew_threshold=SKEW)
+    seen = list(batches[0])
+    for batch in batches[1:]:
+        before = replace(kept.state, steps=dict(kept.state.steps))
+        touched = kept.extend(batch)
+        seen += batch
+        if touched is None:
+            # then a refusal changes nothing, and the caller folds everything again
+            assert kept.state == before
+            kept = Fold.of("s", seen, skew_threshold=SKEW)
+        # then the kept fold is always the fold of every event so far
+        assert kept.state == fold("s", seen, skew_threshold=SKEW)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(TYPES), min_size=2, max_size=30),
+    services=st.lists(st.sampled_from(["order", "payment"]), min_size=30, max_size=30),
+    sequenced=st.booleans(),
+    data=st.data(),
+)
+def test_events_reported_in_order_always_extend_the_fold(kinds, services, sequenced, data) -> None:  # type: ignore[no-untyped-def]
+    # given a saga's events as reporters send them: each service's clock moves on
+    # (sometimes standing still), its sequence counts up
+    events = []
+    for n, (kind, service) in enumerate(zip(kinds, services, strict=False)):
+        at = T0 + timedelta(milliseconds=data.draw(st.sampled_from([0, 1, 7])) + 10 * n)
+        events.append(
+            FoldEvent(
+                service=service,
+                event_id=f"{service}-{n}",
+                type=kind,
+                occurred_at=at,
+                received_at=at,
+                step="abc"[n % 3],
+                sequence=n if sequenced else None,
+            )
+        )
+    ordered = order_events(events)
+    cut = data.draw(st.integers(1, len(ordered) - 1))
+    # when a fold of the first ones takes the rest, one at a time
+    kept = Fold.of("s", ordered[:cut], skew_threshold=SKEW)
+    for e in ordered[cut:]:
+        touched = kept.extend([e])
+        # then every one extends it, touching at most its own step
+        assert touched is not None
+        assert touched <= {e.step}
+    assert kept.state == fold("s", events, skew_threshold=SKEW)
+
+
+def test_a_late_event_that_sorts_before_the_folded_ones_is_refused() -> None:
+    kept = Fold.of(
+        "s",
+        [ev("saga.started", 0, saga_type="order"), ev("step.started", 5, step="pay")],
+        skew_threshold=SKEW,
+    )
+    before = replace(kept.state, steps=dict(kept.state.steps))
+    assert kept.extend([ev("step.started", 3, step="book")]) is None
+    assert kept.state == before
+    assert kept.extend([ev("step.succeeded", 6, step="pay")]) == {"pay"}
+    assert kept.state.steps["pay"].status == "succeeded"
+
+
+def test_a_sequenced_event_whose_clock_lags_its_service_is_refused() -> None:
+    """Its service's times are re-dealt in sequence order, moving a folded event."""
+    kept = Fold.of("s", [ev("saga.started", 5, saga_type="order", sequence=1)], skew_threshold=SKEW)
+    assert kept.extend([ev("step.started", 2, step="pay", sequence=2)]) is None
+    assert kept.extend([ev("step.started", 6, step="pay", sequence=2)]) == {"pay"}

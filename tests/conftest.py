@@ -30,6 +30,17 @@ def need(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True)
+def _fold_cache_empty() -> Iterator[None]:
+    """Each test starts with no kept saga folds (tracking/fold_cache.py): the database
+    is emptied between tests, under the process's cache."""
+    from tracking.fold_cache import folds
+
+    folds.clear()
+    yield
+    folds.clear()
+
+
 @pytest.fixture
 def postgres(db: None) -> None:
     need(

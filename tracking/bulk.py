@@ -226,6 +226,12 @@ def _server_side(sql: str, params: list[Any], *, returns: bool) -> list[Any]:
         return list(cursor.fetchall()) if returns else []
 
 
+def fetch(sql: str, params: list[Any]) -> list[Any]:
+    """Rows of a PostgreSQL query with server-side binding (``%b`` for arrays), prepared
+    once it repeats (see :func:`_server_side`)."""
+    return _server_side(sql, params, returns=True)
+
+
 def _array_type(field: models.Field[Any, Any]) -> str:
     """The element type for ``unnest``; varchar lengths are checked by the table itself."""
     db_type = field.db_type(connection) or "text"

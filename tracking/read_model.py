@@ -9,8 +9,8 @@ INSERT instead of a placeholder row, a lock and an UPDATE).
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -19,14 +19,16 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 
+from tracking import fold_cache
 from tracking.bulk import append, insert_ignore_returning, upsert
 from tracking.detection import watch_at
 from tracking.live import notify_sagas_changed
 from tracking.models import Saga, Step, TelemetryEvent, join_delimited
 from tracking.policy import policy_get, saga_types_seen
-from tracking.projection import FoldEvent, SagaState, fold
+from tracking.projection import Fold, FoldEvent, SagaState
 from tracking.rollups import (
     Contributions,
+    StepKey,
     old_steps_get,
     rollups_rebuild,
     saga_contribution,
@@ -112,16 +114,33 @@ class ReadModelWrites:
     """What projecting writes besides the saga and step rows: rollup deltas, live
     notifications, saga types seen. Gathered so that one ingest transaction that
     both creates and re-folds sagas writes them once (two statements and one
-    push fewer per group commit); :meth:`write` at the end of the transaction."""
+    push fewer per group commit); :meth:`write` at the end of the transaction.
+    With ``folds`` (a list; ingest), the folds written are kept in the process's
+    fold cache once the transaction commits (tracking/fold_cache.py)."""
 
     contributions: Contributions = field(default_factory=Contributions)
     versions: list[tuple[str, int]] = field(default_factory=list)
     saga_types: set[str] = field(default_factory=set)
+    folds: list[tuple[str, int, int, Fold]] | None = None
 
     def write(self) -> None:
         self.contributions.write()
         notify_sagas_changed(versions=self.versions)
         saga_types_seen(self.saga_types)
+        if self.folds:
+            written = self.folds
+            transaction.on_commit(lambda: fold_cache.folds.keep(written))
+
+
+@dataclass(slots=True)
+class _Folded:
+    """A locked saga row and its new fold, ready to be written."""
+
+    row: SagaRow
+    fold: Fold
+    old_steps: tuple[Counter[StepKey], Counter[StepKey]]  # rollup contribution of its step rows
+    steps: Collection[str] | None  # the step rows to write; None: all of the fold's
+    stale_steps: bool  # stored step rows the fold no longer has may have to go
 
 
 def skew_threshold() -> timedelta:
@@ -194,58 +213,116 @@ def read_model_refold(
     """
     assert transaction.get_connection().in_atomic_block
     threshold = skew_threshold()
-    policy = policy_get()
     mine = ReadModelWrites() if writes is None else writes
-    contributions = mine.contributions
     old_steps = old_steps_get(saga_pks=[r.pk for r in sagas.values() if r.event_count > 0])
     states: list[SagaState] = []
-    saga_rows: list[list[Any]] = []
-    step_rows: list[list[Any]] = []
-    had_steps: list[int] = []
+    todo: dict[str, _Folded] = {}
     for saga_id, row in sagas.items():
-        state = fold(saga_id, events.get(saga_id, ()), skew_threshold=threshold)
+        folded = Fold.of(saga_id, events.get(saga_id, ()), skew_threshold=threshold)
+        state = folded.state
         states.append(state)
-        values = saga_row_values(state)
-        steps = [
-            [row.pk, s.name, *(getattr(s, f) for f in STEP_FIELDS)] for s in state.steps.values()
-        ]
-        if bump == "if_changed" and not _differs(row, values, steps):
+        if bump == "if_changed" and not _differs(
+            row, saga_row_values(state), _step_rows(row.pk, state)
+        ):
             continue
-        watch = watch_at(state, policy, open_incidents=bool(row.open_incidents))
-        saga_rows.append([row.pk, saga_id, row.version + 1, *values.values(), watch])
-        contributions.add(
-            sign=-1,
-            saga=saga_row_contribution(row),
-            steps=step_contribution(saga_type=row.saga_type, steps=old_steps.get(row.pk, [])),
+        old = old_steps.get(row.pk, [])
+        todo[saga_id] = _Folded(
+            row,
+            folded,
+            step_contribution(saga_type=row.saga_type, steps=old),
+            None,
+            # rebuild: the rows may hold anything; ingest: a step may have vanished
+            # (its events became anomalies)
+            bump == "if_changed" or bool({name for name, _ in old} - state.steps.keys()),
         )
-        _contribution_add(contributions, state, values)
-        if bump == "if_changed":
-            had_steps.append(row.pk)  # rebuild: the rows may hold anything
-        elif {name for name, _ in old_steps.get(row.pk, ())} - state.steps.keys():
-            had_steps.append(row.pk)  # a step vanished (its events became anomalies)
-        step_rows += steps
-    if saga_rows:
-        upsert(
-            Saga,
-            ["id", "saga_id", "version", *SAGA_FIELDS, "watch_at"],
-            saga_rows,
-            conflict=["saga_id"],
-            update=[*SAGA_FIELDS, "version", "watch_at"],
-        )
-        if had_steps:
-            _delete_stale_steps(had_steps, step_rows)
-        upsert(
-            Step,
-            ["saga", "name", *STEP_FIELDS],
-            step_rows,
-            conflict=["saga", "name"],
-            update=STEP_FIELDS,
-        )
-        mine.versions += [(r[1], r[2]) for r in saga_rows]
-        mine.saga_types.update(s.saga_type for s in states)
+    _folded_write(todo, mine)
     if writes is None:
         mine.write()
     return states
+
+
+def read_model_extend(
+    *, sagas: Mapping[str, SagaRow], events: Mapping[str, list[FoldEvent]], writes: ReadModelWrites
+) -> list[str]:
+    """Apply ingest's new events to the kept folds of locked sagas and write their rows.
+
+    Uses a saga's fold from the fold cache only if it was kept at the row's
+    current version and event count, and only if the new events extend it
+    (:meth:`Fold.extend`); then just the steps those events touched are
+    written. Returns the saga ids it did not handle: the caller re-folds
+    those from the store (:func:`read_model_refold`).
+    Precondition: inside a transaction that holds the saga rows' locks.
+    """
+    assert transaction.get_connection().in_atomic_block
+    todo: dict[str, _Folded] = {}
+    rest: list[str] = []
+    for saga_id, row in sagas.items():
+        kept = fold_cache.folds.take(saga_id, row.pk, row.version)
+        if kept is None or kept.state.event_count != row.event_count:
+            rest.append(saga_id)
+            continue
+        old = step_contribution(  # before extend() changes the attempts in place
+            saga_type=row.saga_type,
+            steps=[(st.name, st.attempts) for st in kept.state.steps.values()],
+        )
+        touched = kept.extend(events[saga_id])
+        if touched is None:
+            rest.append(saga_id)
+            continue
+        todo[saga_id] = _Folded(row, kept, old, touched, False)
+    _folded_write(todo, writes)
+    return rest
+
+
+def _step_rows(pk: int, state: SagaState, names: Iterable[str] | None = None) -> list[list[Any]]:
+    steps = state.steps
+    return [
+        [pk, name, *(getattr(steps[name], f) for f in STEP_FIELDS)]
+        for name in (steps if names is None else names)
+    ]
+
+
+def _folded_write(todo: Mapping[str, _Folded], mine: ReadModelWrites) -> None:
+    """Write the saga rows (version + 1) and step rows of folded sagas; gather their
+    rollup deltas, notifications and saga types in ``mine``."""
+    if not todo:
+        return
+    policy = policy_get()
+    contributions = mine.contributions
+    saga_rows: list[list[Any]] = []
+    step_rows: list[list[Any]] = []
+    stale: list[int] = []
+    for saga_id, f in todo.items():
+        row, state = f.row, f.fold.state
+        values = saga_row_values(state)
+        version = row.version + 1
+        watch = watch_at(state, policy, open_incidents=bool(row.open_incidents))
+        saga_rows.append([row.pk, saga_id, version, *values.values(), watch])
+        contributions.add(sign=-1, saga=saga_row_contribution(row), steps=f.old_steps)
+        _contribution_add(contributions, state, values)
+        if f.stale_steps:
+            stale.append(row.pk)
+        step_rows += _step_rows(row.pk, state, f.steps)
+        mine.versions.append((saga_id, version))
+        mine.saga_types.add(state.saga_type)
+        if mine.folds is not None:
+            mine.folds.append((saga_id, row.pk, version, f.fold))
+    upsert(
+        Saga,
+        ["id", "saga_id", "version", *SAGA_FIELDS, "watch_at"],
+        saga_rows,
+        conflict=["saga_id"],
+        update=[*SAGA_FIELDS, "version", "watch_at"],
+    )
+    if stale:
+        _delete_stale_steps(stale, step_rows)
+    upsert(
+        Step,
+        ["saga", "name", *STEP_FIELDS],
+        step_rows,
+        conflict=["saga", "name"],
+        update=STEP_FIELDS,
+    )
 
 
 def read_model_create(
@@ -264,14 +341,14 @@ def read_model_create(
     assert transaction.get_connection().in_atomic_block
     threshold = skew_threshold()
     policy = policy_get()
-    states = {s: fold(s, events[s], skew_threshold=threshold) for s in sorted(events)}
-    values = {s: saga_row_values(state) for s, state in states.items()}
+    folds = {s: Fold.of(s, events[s], skew_threshold=threshold) for s in sorted(events)}
+    values = {s: saga_row_values(f.state) for s, f in folds.items()}
     created = dict(
         insert_ignore_returning(
             Saga,
             ["saga_id", "version", *SAGA_FIELDS, "watch_at"],
             [
-                [s, 1, *v.values(), watch_at(states[s], policy, open_incidents=False)]
+                [s, 1, *v.values(), watch_at(folds[s].state, policy, open_incidents=False)]
                 for s, v in values.items()
             ],
             conflict=("saga_id",),
@@ -281,15 +358,15 @@ def read_model_create(
     mine = ReadModelWrites() if writes is None else writes
     step_rows: list[list[Any]] = []
     for saga_id, pk in created.items():
-        state = states[saga_id]
+        state = folds[saga_id].state
         _contribution_add(mine.contributions, state, values[saga_id])
-        step_rows += [
-            [pk, st.name, *(getattr(st, f) for f in STEP_FIELDS)] for st in state.steps.values()
-        ]
+        step_rows += _step_rows(pk, state)
+        if mine.folds is not None:
+            mine.folds.append((saga_id, pk, 1, folds[saga_id]))
     if created:
         append(Step, ["saga", "name", *STEP_FIELDS], step_rows)
         mine.versions += [(saga_id, 1) for saga_id in created]
-        mine.saga_types.update(states[s].saga_type for s in created)
+        mine.saga_types.update(folds[s].state.saga_type for s in created)
     if writes is None:
         mine.write()
     return set(created)

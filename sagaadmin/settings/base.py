@@ -256,6 +256,9 @@ SAGAADMIN = {
     "INGEST_MAX_BACKLOG_EVENTS": env.int("SAGAADMIN_INGEST_MAX_BACKLOG_EVENTS", default=50_000),
     # Group commit: how long a flush may wait for requests likely to come (docs/decisions/0008).
     "INGEST_LINGER_MS": env.float("SAGAADMIN_INGEST_LINGER_MS", default=2.0),
+    # Ingest keeps the folds of this many recently reported sagas per process, so a
+    # saga's next events are applied without re-reading its stored events (ADR 0015).
+    "FOLD_CACHE_SAGAS": env.int("SAGAADMIN_FOLD_CACHE_SAGAS", default=5_000),
     # OTLP receiver: most bytes after decompression, most spans per request
     "OTLP_MAX_BYTES": env.int("SAGAADMIN_OTLP_MAX_BYTES", default=8 * 1024 * 1024),
     "OTLP_MAX_SPANS": env.int("SAGAADMIN_OTLP_MAX_SPANS", default=10_000),

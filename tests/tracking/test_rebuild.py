@@ -119,7 +119,12 @@ def to_protocol(d: dict[str, Any], prefix: str) -> tuple[str, dict[str, Any]]:
     data=st.data(),
 )
 @pytest.mark.django_db
-def test_incremental_ingest_in_any_batches_equals_rebuild_and_fold(drawn, data) -> None:
+@pytest.mark.parametrize("kept", [False, True], ids=["refolded", "folds-kept"])
+def test_incremental_ingest_in_any_batches_equals_rebuild_and_fold(  # type: ignore[no-untyped-def]
+    drawn, data, kept, django_capture_on_commit_callbacks
+) -> None:
+    """``kept``: each batch commits (its on-commit hooks run), so the process keeps the
+    folds it wrote and later batches extend them (tracking/fold_cache.py)."""
     prefix = uuid.uuid4().hex[:8]
     reports = [to_protocol(d, prefix) for d in drawn]
     # given the events arrive shuffled, in random batches, with duplicates, at random times
@@ -134,9 +139,10 @@ def test_incremental_ingest_in_any_batches_equals_rebuild_and_fold(drawn, data) 
             if batch:
                 received += timedelta(seconds=data.draw(st.sampled_from([1, 90])))
                 raws = [msgspec.json.encode(e) for e in batch]
-                result = events_ingest(
-                    service=services[service_name], raws=raws, received_at=received
-                )
+                with django_capture_on_commit_callbacks(execute=kept):
+                    result = events_ingest(
+                        service=services[service_name], raws=raws, received_at=received
+                    )
                 assert {r.status for r in result.results} <= {"accepted", "duplicate"}, (
                     result.results
                 )

@@ -9,16 +9,18 @@ other databases the same calls use the ORM's bulk operations.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import psycopg
 from django.db import IntegrityError, connection, models, transaction
+from psycopg import pq
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
@@ -141,6 +143,36 @@ def _stage(shape: _Shape, rows: Sequence[Row]) -> str:
 COPY_MIN_ROWS = 64  # below this, one multi-row VALUES statement is fewer round trips
 
 
+def _copy_worth(rows: Sequence[Row]) -> bool:
+    """COPY (straight or staged) for many rows on PostgreSQL, unless the connection is
+    in pipeline mode (:func:`pipelined`), where COPY is not allowed: then ``unnest``."""
+    return (
+        _is_pg()
+        and len(rows) >= COPY_MIN_ROWS
+        and connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF
+    )
+
+
+@contextlib.contextmanager
+def pipelined(*, rows: int) -> Iterator[None]:
+    """Run a transaction of small writes in psycopg's pipeline mode (PostgreSQL only).
+
+    Statements whose results nobody reads (the upserts and appends at the end of
+    an ingest transaction) and the ``COMMIT`` then travel together and wait for
+    the server once, instead of once each. ``rows``: the most rows a statement
+    of the transaction may write; past ``COPY_MIN_ROWS`` (where COPY would be
+    used) nothing changes. Errors of a queued statement surface at the next
+    statement that waits, or at ``COMMIT``: the transaction fails as a whole
+    either way. Open it outside ``transaction.atomic``.
+    """
+    if not _is_pg() or rows >= COPY_MIN_ROWS:
+        yield
+        return
+    connection.ensure_connection()
+    with connection.wrap_database_errors, connection.connection.pipeline():
+        yield
+
+
 def _insert(
     model: type[models.Model], columns: Sequence[str], rows: Sequence[Row], suffix: str
 ) -> list[Any]:
@@ -154,7 +186,7 @@ def _insert(
     shape = _shape(model, tuple(columns))
     table, names, fields = shape.table, shape.names, shape.fields
     returns = "RETURNING" in suffix
-    if _is_pg() and len(rows) >= COPY_MIN_ROWS:
+    if _copy_worth(rows):
         stage = _stage(shape, rows)
         with connection.cursor() as cursor:
             cursor.execute(
@@ -285,7 +317,7 @@ def upsert(
 def append(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]) -> None:
     """Append rows to an insert-only table (on PostgreSQL many rows go by one COPY
     straight into the table: there is no conflict to resolve, so no staging)."""
-    if _is_pg() and len(rows) >= COPY_MIN_ROWS:
+    if _copy_worth(rows):
         shape = _shape(model, tuple(columns))
         with connection.cursor() as cursor, connection.wrap_database_errors:
             _copy(cursor, shape.table, shape, rows)
@@ -311,7 +343,7 @@ def insert_new(
     rolls back to the savepoint and takes the staged path, which sorts the
     conflicts out row by row. Rows are written in the order given either way.
     """
-    if _is_pg() and len(rows) >= COPY_MIN_ROWS:
+    if _copy_worth(rows):
         shape = _shape(model, tuple(columns))
         try:
             with (

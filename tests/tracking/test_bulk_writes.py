@@ -1,13 +1,19 @@
-"""tracking/bulk.py on PostgreSQL: the repeated bulk statements are prepared."""
+"""tracking/bulk.py on PostgreSQL: the repeated bulk statements are prepared; writes in
+pipeline mode."""
 
 from __future__ import annotations
 
 import json
 
-from django.db import connection, transaction
+import pytest
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+from psycopg import pq
 
+from tracking.bulk import COPY_MIN_ROWS, append, insert_ignore_returning, pipelined
 from tracking.ingest import events_ingest
 from tracking.keys import service_get_or_create
+from tracking.models import Service
 
 
 def test_repeated_ingest_statements_are_prepared_on_postgresql(postgres, make_event) -> None:
@@ -25,3 +31,37 @@ def test_repeated_ingest_statements_are_prepared_on_postgresql(postgres, make_ev
     assert any(s.startswith('INSERT INTO "tracking_telemetryevent"') for s in statements), (
         statements
     )
+
+
+def test_a_pipelined_transaction_writes_many_rows_without_copy(postgres) -> None:
+    """COPY is not allowed in pipeline mode: bulk writes fall back to unnest there."""
+    # given a pipelined transaction that writes more rows than COPY_MIN_ROWS at once
+    now = timezone.now()
+    rows = [(f"pipelined-{i:03}", now) for i in range(COPY_MIN_ROWS + 10)]
+    with pipelined(rows=1), transaction.atomic():
+        assert connection.connection.pgconn.pipeline_status != pq.PipelineStatus.OFF
+        append(Service, ["name", "created_at"], rows)
+        stored = insert_ignore_returning(
+            Service,
+            ["name", "created_at"],
+            [*rows[:2], ("pipelined-new", now)],
+            conflict=("name",),
+            returning="name",
+        )
+    # then every row is stored, and the conflicting ones were skipped
+    assert stored == ["pipelined-new"]
+    assert Service.objects.filter(name__startswith="pipelined-").count() == len(rows) + 1
+    assert connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_statement_in_a_pipelined_transaction_fails_all_of_it(postgres) -> None:
+    # given a pipelined transaction (as the ingest fast path runs one: outermost,
+    # durable) whose second write breaks a unique constraint
+    now = timezone.now()
+    with pytest.raises(IntegrityError), pipelined(rows=1), transaction.atomic(durable=True):
+        append(Service, ["name", "created_at"], [("pipelined-a", now)])
+        append(Service, ["name", "created_at"], [("pipelined-a", now)])
+    # then nothing of it is stored, and the connection works on
+    assert not Service.objects.filter(name="pipelined-a").exists()
+    assert connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF

@@ -50,6 +50,7 @@ from tracking.api.otlp import (
     otlp_unavailable,
     unauthenticated,
 )
+from tracking.bulk import pipelined
 from tracking.ingest import IngestResult, RawEvent, events_ingest
 from tracking.keys import service_key_authenticate
 from tracking.metrics import ingest_observed
@@ -181,7 +182,12 @@ class IngestBatcher:
             raws = [raw for job in jobs for raw in job.raws]
             try:
                 close_old_connections()
-                with live.pushes_on(self.loop), transaction.atomic(durable=True):
+                with (
+                    live.pushes_on(self.loop),
+                    # a group of single events: statements and COMMIT in fewer round trips
+                    pipelined(rows=len(raws)),
+                    transaction.atomic(durable=True),
+                ):
                     result = events_ingest(service=jobs[0].service, raws=raws)
             except BaseException as exc:
                 if isinstance(exc, DB_UNAVAILABLE):

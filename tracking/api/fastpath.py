@@ -192,33 +192,34 @@ class IngestBatcher:
             except BaseException as exc:
                 if isinstance(exc, DB_UNAVAILABLE):
                     connection.close()
-                for job in jobs:
-                    _settle(job.future, exc=exc)
+                _settle([(job.future, exc) for job in jobs])
                 continue
             offset = 0
+            answers: list[tuple[asyncio.Future[IngestResult], Any]] = []
             for job in jobs:
                 mine = result.results[offset : offset + len(job.raws)]
                 results = [replace(r, index=r.index - offset) for r in mine]
-                _settle(job.future, value=IngestResult(results, result.sagas_changed))
+                answers.append((job.future, IngestResult(results, result.sagas_changed)))
                 offset += len(job.raws)
+            _settle(answers)
 
 
-def _settle(
-    future: asyncio.Future[IngestResult],
-    *,
-    value: IngestResult | None = None,
-    exc: BaseException | None = None,
-) -> None:
+def _settle(answers: list[tuple[asyncio.Future[IngestResult], Any]]) -> None:
+    """Give each future its result (an :class:`IngestResult`) or exception, in the
+    futures' loop: one hand-over to the loop for all of them."""
+    if not answers:
+        return
+
     def settle() -> None:
-        if future.done():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            assert value is not None
-            future.set_result(value)
+        for future, answer in answers:
+            if future.done():
+                continue
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
 
-    future.get_loop().call_soon_threadsafe(settle)
+    answers[0][0].get_loop().call_soon_threadsafe(settle)
 
 
 class KeyCache:

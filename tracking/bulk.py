@@ -240,13 +240,16 @@ def _json_sql(shape: _Shape, suffix: str) -> str:
     one by one in Python; PostgreSQL parses the JSON in C and casts each value
     (JSON columns are taken as they are, JSON null as SQL NULL). ADR 0007.
     """
-    picks = ", ".join(
+    return (
+        f"INSERT INTO {shape.table} ({shape.names}) SELECT {_json_picks(shape)} "  # noqa: S608
+        f"FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS u(r, ord) ORDER BY ord {suffix}"
+    )
+
+
+def _json_picks(shape: _Shape) -> str:
+    return ", ".join(
         f"NULLIF(r->{i}, 'null'::jsonb)" if t == "jsonb" else f"(r->>{i})::{t}"
         for i, t in enumerate(shape.array_types)
-    )
-    return (
-        f"INSERT INTO {shape.table} ({shape.names}) SELECT {picks} "  # noqa: S608
-        f"FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS u(r, ord) ORDER BY ord {suffix}"
     )
 
 
@@ -365,6 +368,73 @@ def append(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row
             _copy(cursor, shape.table, shape, rows)
         return
     _insert(model, columns, rows, "")
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One INSERT for :func:`write_all`: ``rows`` into ``columns`` of ``model``, then
+    ``suffix`` (``ON CONFLICT ...``; empty: an append to an insert-only table)."""
+
+    model: type[models.Model]
+    columns: tuple[str, ...]
+    rows: Sequence[Row]
+    suffix: str = ""
+
+
+def upsert_write(
+    model: type[models.Model],
+    columns: Sequence[str],
+    rows: Sequence[Row],
+    *,
+    conflict: Sequence[str],
+    update: Sequence[str] = (),
+    increment: Sequence[str] = (),
+) -> Write:
+    """:func:`upsert`'s write, for :func:`write_all`."""
+    suffix = _upsert_suffix(model, tuple(conflict), tuple(update), tuple(increment))
+    return Write(model, tuple(columns), rows, suffix)
+
+
+def write_all(writes: Sequence[Write]) -> None:
+    """Run these writes (none returns rows; no two touch the same row).
+
+    On PostgreSQL those below the COPY threshold go as one statement — one
+    data-modifying CTE each, each inserting its rows in the order given — so a
+    transaction's closing writes cost one statement to bind and run and one
+    wait for the server, not one each; the others go as :func:`upsert` and
+    :func:`append` send them.
+    """
+    todo = [w for w in writes if w.rows]
+    together = [
+        w
+        for w in todo
+        if _is_pg() and not _copy_worth(w.rows) and "bytea" not in _write_shape(w).array_types
+    ]
+    joined = {id(w) for w in together} if len(together) >= 2 else set()
+    for w in todo:
+        if id(w) not in joined:
+            if w.suffix:
+                _insert(w.model, w.columns, w.rows, w.suffix)
+            else:
+                append(w.model, w.columns, w.rows)
+    if joined:
+        sql = _ctes_sql(tuple((_write_shape(w), w.suffix) for w in together))
+        _server_side(sql, [_json_rows(w.rows) for w in together], returns=False)
+
+
+def _write_shape(w: Write) -> _Shape:
+    return _shape(w.model, w.columns)
+
+
+@functools.cache
+def _ctes_sql(parts: tuple[tuple[_Shape, str], ...]) -> str:
+    ctes = ", ".join(
+        f"w{i} AS (INSERT INTO {shape.table} ({shape.names}) "  # noqa: S608
+        f"SELECT {_json_picks(shape)} FROM jsonb_array_elements(%s::jsonb) "
+        f"WITH ORDINALITY AS u(r, ord) ORDER BY ord {suffix})"
+        for i, (shape, suffix) in enumerate(parts)
+    )
+    return f"WITH {ctes} SELECT 1"
 
 
 def insert_new(

@@ -20,7 +20,7 @@ from django.db import transaction
 from django.db.models import Q
 
 from tracking import fold_cache
-from tracking.bulk import append, insert_ignore_returning, upsert
+from tracking.bulk import Write, insert_ignore_returning, upsert_write, write_all
 from tracking.detection import watch_at
 from tracking.live import notify_sagas_changed
 from tracking.models import Saga, Step, TelemetryEvent, join_delimited
@@ -69,6 +69,8 @@ STEP_FIELDS = [
     "compensation_attempt",
     "attempts",
 ]
+SAGA_WRITE_COLUMNS = ("id", "saga_id", "version", *SAGA_FIELDS, "watch_at")
+STEP_WRITE_COLUMNS = ("saga", "name", *STEP_FIELDS)
 FOLD_COLUMNS = (
     "saga_id",
     "service__name",
@@ -122,9 +124,33 @@ class ReadModelWrites:
     versions: list[tuple[str, int]] = field(default_factory=list)
     saga_types: set[str] = field(default_factory=set)
     folds: list[tuple[str, int, int, Fold]] | None = None
+    saga_rows: list[list[Any]] = field(default_factory=list)  # of re-folded sagas
+    step_rows: list[list[Any]] = field(default_factory=list)  # their steps (upserted)
+    new_step_rows: list[list[Any]] = field(default_factory=list)  # steps of created sagas
 
     def write(self) -> None:
-        self.contributions.write()
+        """Write the gathered rows (one statement on PostgreSQL: bulk.write_all) and
+        schedule the pushes and the folds to keep for after commit."""
+        write_all(
+            [
+                upsert_write(
+                    Saga,
+                    SAGA_WRITE_COLUMNS,
+                    sorted(self.saga_rows, key=lambda r: r[1]),
+                    conflict=["saga_id"],
+                    update=[*SAGA_FIELDS, "version", "watch_at"],
+                ),
+                upsert_write(
+                    Step,
+                    STEP_WRITE_COLUMNS,
+                    self.step_rows,
+                    conflict=["saga", "name"],
+                    update=STEP_FIELDS,
+                ),
+                Write(Step, STEP_WRITE_COLUMNS, self.new_step_rows),
+                *self.contributions.writes(),
+            ]
+        )
         notify_sagas_changed(versions=self.versions)
         saga_types_seen(self.saga_types)
         if self.folds:
@@ -307,22 +333,10 @@ def _folded_write(todo: Mapping[str, _Folded], mine: ReadModelWrites) -> None:
         mine.saga_types.add(state.saga_type)
         if mine.folds is not None:
             mine.folds.append((saga_id, row.pk, version, f.fold))
-    upsert(
-        Saga,
-        ["id", "saga_id", "version", *SAGA_FIELDS, "watch_at"],
-        saga_rows,
-        conflict=["saga_id"],
-        update=[*SAGA_FIELDS, "version", "watch_at"],
-    )
     if stale:
         _delete_stale_steps(stale, step_rows)
-    upsert(
-        Step,
-        ["saga", "name", *STEP_FIELDS],
-        step_rows,
-        conflict=["saga", "name"],
-        update=STEP_FIELDS,
-    )
+    mine.saga_rows += saga_rows
+    mine.step_rows += step_rows
 
 
 def read_model_create(
@@ -364,7 +378,7 @@ def read_model_create(
         if mine.folds is not None:
             mine.folds.append((saga_id, pk, 1, folds[saga_id]))
     if created:
-        append(Step, ["saga", "name", *STEP_FIELDS], step_rows)
+        mine.new_step_rows += step_rows
         mine.versions += [(saga_id, 1) for saga_id in created]
         mine.saga_types.update(folds[s].state.saga_type for s in created)
     if writes is None:

@@ -31,7 +31,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils.dateparse import parse_datetime
 
-from tracking.bulk import append, upsert
+from tracking.bulk import Write, upsert, write_all
 from tracking.models import (
     Saga,
     SagaCount,
@@ -145,20 +145,26 @@ class Contributions:
             self.failures[step_key] += sign * n
 
     def write(self) -> None:
-        append(
-            SagaCountDelta,
-            ["bucket", "saga_type", "status", "flags", "delta"],
-            [(*k, n) for k, n in self.sagas.items() if n],
-        )
-        append(
-            StepStatDelta,
-            ["bucket", "saga_type", "step", "bin", "count", "failures"],
-            [
-                (*k, n, self.failures.get(k, 0))
-                for k, n in self.steps.items()
-                if n or self.failures.get(k, 0)
-            ],
-        )
+        write_all(self.writes())
+
+    def writes(self) -> list[Write]:
+        """The delta rows to append, for :func:`tracking.bulk.write_all`."""
+        return [
+            Write(
+                SagaCountDelta,
+                ("bucket", "saga_type", "status", "flags", "delta"),
+                [(*k, n) for k, n in self.sagas.items() if n],
+            ),
+            Write(
+                StepStatDelta,
+                ("bucket", "saga_type", "step", "bin", "count", "failures"),
+                [
+                    (*k, n, self.failures.get(k, 0))
+                    for k, n in self.steps.items()
+                    if n or self.failures.get(k, 0)
+                ],
+            ),
+        ]
 
 
 def old_steps_get(*, saga_pks: list[int]) -> dict[int, list[tuple[str, list[dict[str, Any]]]]]:

@@ -145,7 +145,7 @@ COPY_MIN_ROWS = 64  # below this, one multi-row VALUES statement is fewer round 
 
 def _copy_worth(rows: Sequence[Row]) -> bool:
     """COPY (straight or staged) for many rows on PostgreSQL, unless the connection is
-    in pipeline mode (:func:`pipelined`), where COPY is not allowed: then ``unnest``."""
+    in pipeline mode (:func:`pipelined_transaction`), where COPY is not allowed."""
     return (
         _is_pg()
         and len(rows) >= COPY_MIN_ROWS
@@ -154,23 +154,31 @@ def _copy_worth(rows: Sequence[Row]) -> bool:
 
 
 @contextlib.contextmanager
-def pipelined(*, rows: int) -> Iterator[None]:
-    """Run a transaction of small writes in psycopg's pipeline mode (PostgreSQL only).
+def pipelined_transaction(*, rows: int) -> Iterator[None]:
+    """``transaction.atomic(durable=True)`` whose statements run in psycopg's pipeline
+    mode (PostgreSQL, and ``rows`` — the most rows a statement may write — below
+    ``COPY_MIN_ROWS``; otherwise just the transaction).
 
-    Statements whose results nobody reads (the upserts and appends at the end of
-    an ingest transaction) and the ``COMMIT`` then travel together and wait for
-    the server once, instead of once each. ``rows``: the most rows a statement
-    of the transaction may write; past ``COPY_MIN_ROWS`` (where COPY would be
-    used) nothing changes. Errors of a queued statement surface at the next
-    statement that waits, or at ``COMMIT``: the transaction fails as a whole
-    either way. Open it outside ``transaction.atomic``.
+    Statements whose results nobody reads (the writes at the end of an ingest
+    transaction) wait for the server together with the ``COMMIT``, which is
+    queued behind them: the transaction's closing writes and its commit cost one
+    round trip. (The commit is sent as a statement inside the block, so that
+    Django's own commit, when the block ends, finds nothing left to commit and
+    runs the on-commit hooks.) An error of a queued statement fails the whole
+    transaction where it surfaces; nothing is committed then.
     """
-    if not _is_pg() or rows >= COPY_MIN_ROWS:
-        yield
-        return
-    connection.ensure_connection()
-    with connection.wrap_database_errors, connection.connection.pipeline():
-        yield
+    # (inside a test case's transaction, which a durable block may join, COMMIT
+    # would end the test's transaction: no pipeline there)
+    outermost = not connection.in_atomic_block
+    with transaction.atomic(durable=True):
+        if not outermost or not _is_pg() or rows >= COPY_MIN_ROWS:
+            yield
+            return
+        connection.ensure_connection()
+        raw = connection.connection
+        with connection.wrap_database_errors, raw.pipeline():
+            yield
+            raw.execute("COMMIT")
 
 
 def _insert(

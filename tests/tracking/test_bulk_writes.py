@@ -10,7 +10,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from psycopg import pq
 
-from tracking.bulk import COPY_MIN_ROWS, append, insert_ignore_returning, pipelined
+from tracking.bulk import COPY_MIN_ROWS, append, insert_ignore_returning, pipelined_transaction
 from tracking.ingest import events_ingest
 from tracking.keys import service_get_or_create
 from tracking.models import Service
@@ -33,12 +33,13 @@ def test_repeated_ingest_statements_are_prepared_on_postgresql(postgres, make_ev
     )
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_pipelined_transaction_writes_many_rows_without_copy(postgres) -> None:
     """COPY is not allowed in pipeline mode: bulk writes fall back to unnest there."""
     # given a pipelined transaction that writes more rows than COPY_MIN_ROWS at once
     now = timezone.now()
     rows = [(f"pipelined-{i:03}", now) for i in range(COPY_MIN_ROWS + 10)]
-    with pipelined(rows=1), transaction.atomic():
+    with pipelined_transaction(rows=1):
         assert connection.connection.pgconn.pipeline_status != pq.PipelineStatus.OFF
         append(Service, ["name", "created_at"], rows)
         stored = insert_ignore_returning(
@@ -56,12 +57,35 @@ def test_a_pipelined_transaction_writes_many_rows_without_copy(postgres) -> None
 
 @pytest.mark.django_db(transaction=True)
 def test_a_failing_statement_in_a_pipelined_transaction_fails_all_of_it(postgres) -> None:
-    # given a pipelined transaction (as the ingest fast path runs one: outermost,
-    # durable) whose second write breaks a unique constraint
+    # given a pipelined transaction whose second write breaks a unique constraint
     now = timezone.now()
-    with pytest.raises(IntegrityError), pipelined(rows=1), transaction.atomic(durable=True):
+    with pytest.raises(IntegrityError), pipelined_transaction(rows=1):
         append(Service, ["name", "created_at"], [("pipelined-a", now)])
         append(Service, ["name", "created_at"], [("pipelined-a", now)])
     # then nothing of it is stored, and the connection works on
     assert not Service.objects.filter(name="pipelined-a").exists()
     assert connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pipelined_transaction_commits_once_and_then_runs_its_on_commit_hooks(
+    postgres,
+) -> None:
+    ran: list[bool] = []
+    with pipelined_transaction(rows=1):
+        append(Service, ["name", "created_at"], [("pipelined-hook", timezone.now())])
+        transaction.on_commit(lambda: ran.append(True))
+        assert ran == []
+    # then the hook ran after the commit, and the row is there for everyone
+    assert ran == [True]
+    assert connection.connection.pgconn.transaction_status == pq.TransactionStatus.IDLE
+    assert Service.objects.filter(name="pipelined-hook").exists()
+
+
+def test_inside_a_test_cases_transaction_nothing_is_pipelined_or_committed(postgres) -> None:
+    with pipelined_transaction(rows=1):
+        assert connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF
+        append(Service, ["name", "created_at"], [("pipelined-inner", timezone.now())])
+    # the test's own transaction is still open (it rolls back at the end)
+    assert connection.in_atomic_block
+    assert connection.connection.pgconn.transaction_status == pq.TransactionStatus.INTRANS

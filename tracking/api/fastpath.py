@@ -24,7 +24,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import close_old_connections, connection
 
 from sagaadmin import telemetry
 from sagaadmin.problems import problem_bytes
@@ -50,7 +50,7 @@ from tracking.api.otlp import (
     otlp_unavailable,
     unauthenticated,
 )
-from tracking.bulk import pipelined
+from tracking.bulk import pipelined_transaction
 from tracking.ingest import IngestResult, RawEvent, events_ingest
 from tracking.keys import service_key_authenticate
 from tracking.metrics import ingest_observed
@@ -185,8 +185,7 @@ class IngestBatcher:
                 with (
                     live.pushes_on(self.loop),
                     # a group of single events: statements and COMMIT in fewer round trips
-                    pipelined(rows=len(raws)),
-                    transaction.atomic(durable=True),
+                    pipelined_transaction(rows=len(raws)),
                 ):
                     result = events_ingest(service=jobs[0].service, raws=raws)
             except BaseException as exc:

@@ -146,11 +146,10 @@ COPY_MIN_ROWS = 64  # below this, one multi-row VALUES statement is fewer round 
 def _copy_worth(rows: Sequence[Row]) -> bool:
     """COPY (straight or staged) for many rows on PostgreSQL, unless the connection is
     in pipeline mode (:func:`pipelined_transaction`), where COPY is not allowed."""
-    return (
-        _is_pg()
-        and len(rows) >= COPY_MIN_ROWS
-        and connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF
-    )
+    if not _is_pg() or len(rows) < COPY_MIN_ROWS:
+        return False
+    connection.ensure_connection()
+    return connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF
 
 
 @contextlib.contextmanager
@@ -164,8 +163,12 @@ def pipelined_transaction(*, rows: int) -> Iterator[None]:
     queued behind them: the transaction's closing writes and its commit cost one
     round trip. (The commit is sent as a statement inside the block, so that
     Django's own commit, when the block ends, finds nothing left to commit and
-    runs the on-commit hooks.) An error of a queued statement fails the whole
-    transaction where it surfaces; nothing is committed then.
+    runs the on-commit hooks.) An error of a queued statement surfaces later
+    than it would otherwise — at the next statement that waits for results, or
+    at the end of the block — and fails the whole transaction; nothing is
+    committed then. So the block must not count on catching a database error
+    where it happens (e.g. around a nested ``atomic()``). ``rows`` is a hint:
+    the number of events, say; past it nothing is pipelined.
     """
     # (inside a test case's transaction, which a durable block may join, COMMIT
     # would end the test's transaction: no pipeline there)
@@ -178,7 +181,13 @@ def pipelined_transaction(*, rows: int) -> Iterator[None]:
         raw = connection.connection
         with connection.wrap_database_errors, raw.pipeline():
             yield
-            raw.execute("COMMIT")
+            # not when the block asked for a rollback (Django then rolls back), nor
+            # when it ran no statement (nothing to commit)
+            if (
+                not connection.needs_rollback
+                and raw.pgconn.transaction_status != pq.TransactionStatus.IDLE
+            ):
+                raw.execute("COMMIT")
 
 
 def _insert(
@@ -234,8 +243,29 @@ def _unnest_sql(shape: _Shape, suffix: str) -> str:
     )
 
 
+# Column types whose values travel exactly as JSON and cast back from its text
+# (floats do not: msgspec writes NaN as null; bytes have no JSON form).
+JSON_ROW_TYPES = frozenset(
+    {
+        "text",
+        "integer",
+        "bigint",
+        "smallint",
+        "boolean",
+        "timestamp with time zone",
+        "jsonb",
+        "uuid",
+        "date",
+    }
+)
+
+
+def _json_ok(shape: _Shape) -> bool:
+    return all(t in JSON_ROW_TYPES for t in shape.array_types)
+
+
 def _unnest_insert(shape: _Shape, rows: Sequence[Row], suffix: str, returns: bool) -> list[Any]:
-    if "bytea" in shape.array_types:  # JSON has no bytes: one array per column
+    if not _json_ok(shape):  # one array per column
         return _server_side(_unnest_sql(shape, suffix), _arrays(shape, rows), returns=returns)
     return _server_side(_json_sql(shape, suffix), [_json_rows(rows)], returns=returns)
 
@@ -414,9 +444,7 @@ def write_all(writes: Sequence[Write]) -> None:
     """
     todo = [w for w in writes if w.rows]
     together = [
-        w
-        for w in todo
-        if _is_pg() and not _copy_worth(w.rows) and "bytea" not in _write_shape(w).array_types
+        w for w in todo if _is_pg() and not _copy_worth(w.rows) and _json_ok(_write_shape(w))
     ]
     joined = {id(w) for w in together} if len(together) >= 2 else set()
     for w in todo:

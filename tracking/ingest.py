@@ -20,7 +20,7 @@ from django.db import connection, transaction
 from sagaadmin import telemetry
 from tracking import fold_cache
 from tracking.bulk import fetch, insert_new
-from tracking.models import Saga, Service, TelemetryEvent
+from tracking.models import Saga, SagaStatus, Service, TelemetryEvent
 from tracking.projection import FoldEvent
 from tracking.protocol import (
     EventRejected,
@@ -275,21 +275,22 @@ def _store_and_project(
     # rollup deltas and notifications of both kinds, written once; the folds
     # written, kept for the sagas' next events (tracking/fold_cache.py)
     writes = ReadModelWrites(folds=[] if fold_cache.folds.size > 0 else None)
-    # Sagas seen for the first time: their rows straight from this batch's events.
-    # (A saga whose fold is kept has a row, unless the database was emptied under
-    # this process: not trying to create it saves folding it twice.)
+    # Sagas seen for the first time: their rows straight from this batch's events,
+    # inserted in saga-id order. Sagas whose fold this process keeps have a row: they
+    # are not folded for this, only sent along as empty rows, which are stored only
+    # if their row is gone (then re-folded from the store below).
+    kept = sorted(s for s in new_by_saga if s in fold_cache.folds)
     created = read_model_create(
         events={s: e for s, e in new_by_saga.items() if s not in fold_cache.folds},
         writes=writes,
+        placeholders=kept,
     )
     # The others: lock their rows; extend the folds kept from their last events,
     # or re-read every stored event and re-fold.
-    known = sorted(s for s in new_by_saga if s not in created)
+    known = sorted(s for s in new_by_saga if s not in created and s not in writes.revived)
     sagas = _sagas_lock(known) if known else {}
-    missing = {s: new_by_saga[s] for s in known if s not in sagas}
-    if missing:  # kept folds of rows that are gone (the database was emptied)
-        created |= read_model_create(events=missing, writes=writes)
-        sagas |= _sagas_lock(sorted(s for s in missing if s not in created))
+    for saga_id, pk in writes.revived.items():  # inserted (so locked) by this transaction
+        sagas[saga_id] = LockedSaga(pk, saga_id, 0, 0, "", SagaStatus.RUNNING, "", None, "")
     if sagas:
         unkept = read_model_extend(sagas=sagas, events=new_by_saga, writes=writes)
         if unkept:

@@ -237,7 +237,7 @@ class Fold:
         touched: set[str] = set()
         for _, e in keyed:
             self._apply(e)
-            if e.step and e.step in self.state.steps:
+            if e.step in self.state.steps:
                 touched.add(e.step)
         if keyed:
             self._last = keyed[-1][0]

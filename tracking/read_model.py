@@ -127,6 +127,7 @@ class ReadModelWrites:
     saga_rows: list[list[Any]] = field(default_factory=list)  # of re-folded sagas
     step_rows: list[list[Any]] = field(default_factory=list)  # their steps (upserted)
     new_step_rows: list[list[Any]] = field(default_factory=list)  # steps of created sagas
+    revived: dict[str, int] = field(default_factory=dict)  # see read_model_create
 
     def write(self) -> None:
         """Write the gathered rows (one statement on PostgreSQL: bulk.write_all) and
@@ -280,11 +281,16 @@ def read_model_extend(
     Precondition: inside a transaction that holds the saga rows' locks.
     """
     assert transaction.get_connection().in_atomic_block
+    threshold = skew_threshold()
     todo: dict[str, _Folded] = {}
     rest: list[str] = []
     for saga_id, row in sagas.items():
         kept = fold_cache.folds.take(saga_id, row.pk, row.version)
-        if kept is None or kept.state.event_count != row.event_count:
+        if (
+            kept is None
+            or kept.state.event_count != row.event_count
+            or kept.skew_threshold != threshold
+        ):
             rest.append(saga_id)
             continue
         old = step_contribution(  # before extend() changes the attempts in place
@@ -340,7 +346,10 @@ def _folded_write(todo: Mapping[str, _Folded], mine: ReadModelWrites) -> None:
 
 
 def read_model_create(
-    *, events: Mapping[str, list[FoldEvent]], writes: ReadModelWrites | None = None
+    *,
+    events: Mapping[str, list[FoldEvent]],
+    writes: ReadModelWrites | None = None,
+    placeholders: Collection[str] = (),
 ) -> set[str]:
     """Insert the rows of sagas that have none yet, folded from ``events`` alone.
 
@@ -350,30 +359,42 @@ def read_model_create(
     out (the INSERT skips it) and not in the returned ids: the caller locks and
     re-folds those. Rows go in saga-id order, like every saga write. ``writes``
     as for :func:`read_model_refold`.
+
+    ``placeholders``: sagas believed to have a row (ingest keeps their folds), sent
+    in the same INSERT as empty rows (version 0, no events), so that every saga
+    row ingest may create is inserted in one statement in saga-id order. Such a
+    row is stored only when the saga's row was gone (deleted by hand, a database
+    emptied under the process); those land in ``writes.revived`` (saga id -> row
+    id), for the caller to re-fold from the store.
     Precondition: inside a transaction.
     """
     assert transaction.get_connection().in_atomic_block
     threshold = skew_threshold()
     policy = policy_get()
-    folds = {s: Fold.of(s, events[s], skew_threshold=threshold) for s in sorted(events)}
-    values = {s: saga_row_values(f.state) for s, f in folds.items()}
-    created = dict(
+    folds = {s: Fold.of(s, events[s], skew_threshold=threshold) for s in events}
+    rows = [
+        [s, 1, *saga_row_values(f.state).values(), watch_at(f.state, policy, open_incidents=False)]
+        for s, f in folds.items()
+    ]
+    empty = [*saga_row_values(SagaState(saga_id="")).values(), None]
+    rows += [[s, 0, *empty] for s in placeholders if s not in folds]
+    rows.sort(key=lambda r: str(r[0]))
+    inserted = dict(
         insert_ignore_returning(
             Saga,
             ["saga_id", "version", *SAGA_FIELDS, "watch_at"],
-            [
-                [s, 1, *v.values(), watch_at(folds[s].state, policy, open_incidents=False)]
-                for s, v in values.items()
-            ],
+            rows,
             conflict=("saga_id",),
             returning=("saga_id", "id"),
         )
     )
+    created = {s: pk for s, pk in inserted.items() if s in folds}
     mine = ReadModelWrites() if writes is None else writes
+    mine.revived.update((s, pk) for s, pk in inserted.items() if s not in folds)
     step_rows: list[list[Any]] = []
     for saga_id, pk in created.items():
         state = folds[saga_id].state
-        _contribution_add(mine.contributions, state, values[saga_id])
+        _contribution_add(mine.contributions, state, saga_row_values(state))
         step_rows += _step_rows(pk, state)
         if mine.folds is not None:
             mine.folds.append((saga_id, pk, 1, folds[saga_id]))

@@ -4,7 +4,9 @@ pipeline mode."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import psycopg
 import pytest
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
@@ -67,19 +69,76 @@ def test_a_failing_statement_in_a_pipelined_transaction_fails_all_of_it(postgres
     assert connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF
 
 
+@pytest.fixture
+def commands(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The commands psycopg itself sends (BEGIN, COMMIT, ROLLBACK: not statements)."""
+    sent: list[bytes] = []
+    original = psycopg.Connection._exec_command
+
+    def spy(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(command if isinstance(command, bytes) else str(command).encode())
+        return original(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "_exec_command", spy)
+    return sent
+
+
 @pytest.mark.django_db(transaction=True)
-def test_a_pipelined_transaction_commits_once_and_then_runs_its_on_commit_hooks(
-    postgres,
+def test_a_pipelined_transaction_commits_in_the_pipeline_then_runs_its_on_commit_hooks(
+    postgres, commands
 ) -> None:
     ran: list[bool] = []
     with pipelined_transaction(rows=1):
         append(Service, ["name", "created_at"], [("pipelined-hook", timezone.now())])
         transaction.on_commit(lambda: ran.append(True))
         assert ran == []
-    # then the hook ran after the commit, and the row is there for everyone
+    # then the COMMIT went in the pipeline (Django's own commit found nothing to do),
+    # the hook ran after it, and the row is there for everyone
+    assert b"COMMIT" not in commands
     assert ran == [True]
     assert connection.connection.pgconn.transaction_status == pq.TransactionStatus.IDLE
     assert Service.objects.filter(name="pipelined-hook").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pipelined_transaction_marked_for_rollback_commits_nothing(postgres) -> None:
+    ran: list[bool] = []
+    # given a block whose inner part failed and was caught (Django marks the
+    # transaction for rollback)
+    with pipelined_transaction(rows=1):
+        append(Service, ["name", "created_at"], [("pipelined-rolled-back", timezone.now())])
+        transaction.on_commit(lambda: ran.append(True))
+        try:
+            with transaction.atomic(savepoint=False):
+                raise RuntimeError("an inner part fails")
+        except RuntimeError:
+            pass
+    # then nothing is committed and no hook runs
+    assert not Service.objects.filter(name="pipelined-rolled-back").exists()
+    assert ran == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_error_inside_a_pipelined_transaction_fails_it_whole(postgres) -> None:
+    """In pipeline mode an error surfaces late: not where a nested atomic() could
+    catch it, but when the block ends; the whole transaction fails."""
+    now = timezone.now()
+    with pytest.raises(IntegrityError), pipelined_transaction(rows=1):
+        append(Service, ["name", "created_at"], [("pipelined-first", now)])
+        try:
+            with transaction.atomic():
+                append(Service, ["name", "created_at"], [("pipelined-first", now)])
+        except IntegrityError:  # not raised here
+            pytest.fail("the error surfaced inside the block")
+    assert not Service.objects.filter(name="pipelined-first").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pipelined_transaction_that_ran_no_statement_sends_nothing(postgres, commands) -> None:
+    connection.ensure_connection()
+    with pipelined_transaction(rows=1):
+        pass
+    assert commands == []
 
 
 def test_inside_a_test_cases_transaction_nothing_is_pipelined_or_committed(postgres) -> None:

@@ -312,3 +312,30 @@ def test_a_flush_lingers_for_the_clients_of_the_last_cycle(
     assert [status for status, _, _ in answers] == [200] * 6
     assert flushes == expected_flushes
     assert TelemetryEvent.objects.count() == 6
+
+
+def test_a_sagas_next_report_through_the_fast_path_extends_its_kept_fold(
+    postgres, endpoint, monkeypatch
+) -> None:
+    """The flush's pipelined transaction commits, its on-commit hooks keep the fold,
+    and the saga's next report extends it without reading the store."""
+    from tracking import ingest
+    from tracking.fold_cache import folds
+
+    key = service_key_create(service_name="payment").secret
+    started = event(1, "fp-kept", type="saga.started", saga_type="order", sequence=1)
+    assert asyncio.run(call(endpoint, started, key=key))[0] == 200
+    assert "fp-kept" in folds
+    reads: list[list[str]] = []
+    original = ingest.stored_events_get
+    monkeypatch.setattr(
+        ingest,
+        "stored_events_get",
+        lambda *, saga_ids: reads.append(saga_ids) or original(saga_ids=saga_ids),
+    )
+    step = event(2, "fp-kept", type="step.started", step="charge", sequence=2)
+    status, _, answer = asyncio.run(call(endpoint, step, key=key))
+    assert (status, answer["accepted"]) == (200, 1)
+    assert reads == []
+    saga = Saga.objects.get(saga_id="fp-kept")
+    assert (saga.version, saga.event_count, saga.current_step) == (2, 2, "charge")

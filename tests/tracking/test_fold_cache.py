@@ -138,6 +138,7 @@ def test_a_transaction_that_rolls_back_keeps_no_fold(report) -> None:
 
 def test_a_kept_fold_whose_rows_are_gone_gets_its_saga_created_again(report) -> None:
     report(*saga_events("s1")[:2])
+    assert "s1" in folds
     # when the database is emptied under the running process
     Saga.objects.all().delete()
     TelemetryEvent.objects.all().delete()
@@ -171,3 +172,22 @@ def test_the_least_recently_kept_fold_is_evicted_first() -> None:
     cache.keep([("c", 3, 1, c)])  # type: ignore[list-item]
     assert cache.take("c", 3, 1) is c
     assert cache.take("c", 3, 1) is None
+
+
+def test_a_kept_fold_whose_saga_row_was_deleted_by_hand_is_refolded_from_the_store(
+    report,
+) -> None:
+    events = saga_events("s1")
+    report(*events[:2])
+    assert "s1" in folds
+    # when someone deletes the saga's row (its events stay)
+    Saga.objects.filter(saga_id="s1").delete()
+    # then its next report inserts the row again (with the new sagas, in saga-id
+    # order) and folds every stored event into it
+    assert report(events[2]) != []
+    saga = Saga.objects.get(saga_id="s1")
+    assert (saga.event_count, saga.version) == (3, 1)
+    assert Step.objects.get(saga=saga, name="order").status == "succeeded"
+    assert_rebuild_changes_nothing("s1")
+    # and the fold is kept again for the saga's next events
+    assert report(events[3]) == []

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import hashlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -305,28 +305,60 @@ def _arrays(shape: _Shape, rows: Sequence[Row]) -> list[list[Any]]:
 
 
 def _server_side(sql: str, params: list[Any], *, returns: bool) -> list[Any]:
-    """Execute with server-side binding: the arrays travel as parameters (no
-    quoting them into the SQL text), in binary (``%b``: psycopg packs the
-    elements instead of escaping each one as text, several times cheaper), and
-    the repeated statement gets prepared."""
+    """Execute with server-side binding: the parameters travel apart from the SQL
+    text (arrays in binary with ``%b``: psycopg packs the elements instead of
+    escaping each one as text, several times cheaper), and the repeated
+    statement gets prepared."""
+    with _cursor() as cursor:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall()) if returns else []
+
+
+def _cursor() -> Any:
     connection.ensure_connection()
     with connection.wrap_database_errors:
         raw_cursor = psycopg.Cursor(connection.connection)
-    cursor = (
+    return (
         # django-stubs type these as taking a CursorWrapper; Django wraps a DB-API cursor
         connection.make_debug_cursor(raw_cursor)  # type: ignore[arg-type]
         if connection.queries_logged
         else connection.make_cursor(raw_cursor)  # type: ignore[arg-type]
     )
-    with cursor:
-        cursor.execute(sql, params)
-        return list(cursor.fetchall()) if returns else []
+
+
+# The rows of a statement already sent, read when called.
+Later = Callable[[], list[Any]]
+
+
+def _server_side_later(sql: str, params: list[Any]) -> Later:
+    """:func:`_server_side`, its rows read when the returned function is called: in
+    pipeline mode (:func:`pipelined_transaction`) statements sent this way one
+    after the other wait for the server together, once."""
+    cursor = _cursor()
+    cursor.execute(sql, params)
+
+    def rows() -> list[Any]:
+        with cursor:
+            return list(cursor.fetchall())
+
+    return rows
+
+
+def in_pipeline() -> bool:
+    """Whether this thread's connection is in psycopg's pipeline mode."""
+    raw = connection.connection if _is_pg() else None
+    return raw is not None and raw.pgconn.pipeline_status != pq.PipelineStatus.OFF
 
 
 def fetch(sql: str, params: list[Any]) -> list[Any]:
     """Rows of a PostgreSQL query with server-side binding (``%b`` for arrays), prepared
     once it repeats (see :func:`_server_side`)."""
     return _server_side(sql, params, returns=True)
+
+
+def fetch_later(sql: str, params: list[Any]) -> Later:
+    """:func:`fetch`, the rows read when the returned function is called."""
+    return _server_side_later(sql, params)
 
 
 def _array_type(field: models.Field[Any, Any]) -> str:
@@ -351,9 +383,33 @@ def insert_ignore_returning(
     """
     names = (returning,) if isinstance(returning, str) else tuple(returning)
     rows_back = _insert(model, columns, rows, _ignore_suffix(model, tuple(conflict), names))
+    return _returned(rows_back, returning)
+
+
+def insert_ignore_returning_later(
+    model: type[models.Model],
+    columns: Sequence[str],
+    rows: Sequence[Row],
+    *,
+    conflict: Sequence[str],
+    returning: str | Sequence[str],
+) -> Later:
+    """:func:`insert_ignore_returning`, sent now, its result read when the returned
+    function is called (one statement with JSON rows; otherwise run at once)."""
+    shape = _shape(model, tuple(columns))
+    if rows and _is_pg() and not _copy_worth(rows) and _json_ok(shape):
+        names = (returning,) if isinstance(returning, str) else tuple(returning)
+        sql = _json_sql(shape, _ignore_suffix(model, tuple(conflict), names))
+        later = _server_side_later(sql, [_json_rows(rows)])
+        return lambda: _returned(later(), returning)
+    now = insert_ignore_returning(model, columns, rows, conflict=conflict, returning=returning)
+    return lambda: now
+
+
+def _returned(rows: list[Any], returning: str | Sequence[str]) -> list[Any]:
     if isinstance(returning, str):
-        return [r[0] for r in rows_back]
-    return [tuple(r) for r in rows_back]
+        return [r[0] for r in rows]
+    return [tuple(r) for r in rows]
 
 
 @functools.cache
@@ -481,8 +537,20 @@ def insert_new(
     conflict: Sequence[str],
     key: str,
 ) -> list[Any]:
-    """INSERT rows, skipping those that conflict on ``conflict``; return the ``key``
-    values of the rows stored (``key`` is one of ``columns``).
+    """:func:`insert_new_later`, its result read at once."""
+    return insert_new_later(model, columns, rows, conflict=conflict, key=key)()
+
+
+def insert_new_later(
+    model: type[models.Model],
+    columns: Sequence[str],
+    rows: Sequence[Row],
+    *,
+    conflict: Sequence[str],
+    key: str,
+) -> Later:
+    """INSERT rows, skipping those that conflict on ``conflict``; the returned function
+    gives the ``key`` values of the rows stored (``key`` is one of ``columns``).
 
     Like :func:`insert_ignore_returning`, but on PostgreSQL many rows first go by
     one COPY straight into the table, inside a savepoint: when nothing
@@ -504,8 +572,9 @@ def insert_new(
             pass
         else:
             at = list(columns).index(key)
-            return [row[at] for row in rows]
-    return insert_ignore_returning(model, columns, rows, conflict=conflict, returning=key)
+            stored = [row[at] for row in rows]
+            return lambda: stored
+    return insert_ignore_returning_later(model, columns, rows, conflict=conflict, returning=key)
 
 
 def update_rows(model: type[models.Model], columns: Sequence[str], rows: Sequence[Row]) -> None:

@@ -8,7 +8,7 @@ the same whichever way it was reported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +19,7 @@ from django.db import connection, transaction
 
 from sagaadmin import telemetry
 from tracking import fold_cache
-from tracking.bulk import fetch, insert_new
+from tracking.bulk import fetch_later, in_pipeline, insert_new_later
 from tracking.models import Saga, SagaStatus, Service, TelemetryEvent
 from tracking.projection import FoldEvent
 from tracking.protocol import (
@@ -36,7 +36,7 @@ from tracking.protocol import (
 )
 from tracking.read_model import (
     ReadModelWrites,
-    read_model_create,
+    read_model_create_later,
     read_model_extend,
     read_model_refold,
     stored_events_get,
@@ -248,9 +248,36 @@ def _store_and_project(
     sagas by saga id. The lock comes before the saga's events are re-read, so
     a concurrent batch for the same saga folds after this one commits and
     sees its events.
+
+    The rows of new sagas are folded assuming every event of the batch is new
+    (the usual case). That is safe: a saga without a row has no stored event
+    (both commit together), so a saga this transaction creates has only new
+    events. In pipeline mode (the fast path's small group commits) the event
+    INSERT, the saga INSERT and the lock of every saga of the batch (after the
+    INSERT, so in the same order) wait for the server together, once.
     """
     valid.sort(key=lambda v: v.event.id)
-    inserted = _insert_events(service, valid, received_at)
+    batch: dict[str, list[FoldEvent]] = {}
+    for v in valid:
+        batch.setdefault(v.event.saga_id, []).append(_fold_event(v.event, received_at))
+    # rollup deltas and notifications of both kinds, written once; the folds
+    # written, kept for the sagas' next events (tracking/fold_cache.py)
+    writes = ReadModelWrites(folds=[] if fold_cache.folds.size > 0 else None)
+    together = in_pipeline()
+    stored_later = _insert_events_later(service, valid, received_at)
+    # Sagas seen for the first time: their rows straight from this batch's events,
+    # inserted in saga-id order. Sagas whose fold this process keeps have a row: they
+    # are not folded for this, only sent along as empty rows, which are stored only
+    # if their row is gone (then re-folded from the store below).
+    kept = sorted(s for s in batch if s in fold_cache.folds)
+    created_later = read_model_create_later(
+        events={s: e for s, e in batch.items() if s not in fold_cache.folds},
+        writes=writes,
+        placeholders=kept,
+    )
+    locked_later = _sagas_lock_later(sorted(batch)) if together else None
+    inserted = set(stored_later())
+    created = created_later()
     rest = [v for v in valid if v.event.id not in inserted]
     existing = (
         dict(
@@ -265,30 +292,22 @@ def _store_and_project(
     for v in valid:
         if v.event.id in inserted:
             results[v.index] = EventResult(v.index, v.event.id, ACCEPTED, warnings=v.warnings)
-            new_by_saga.setdefault(v.event.saga_id, []).append(_fold_event(v.event, received_at))
         elif existing.get(v.event.id) == v.hash:
             results[v.index] = EventResult(v.index, v.event.id, DUPLICATE)
         else:
             results[v.index] = _conflict(v.index, v.event.id, "an event stored earlier")
-    if not new_by_saga:
-        return []
-    # rollup deltas and notifications of both kinds, written once; the folds
-    # written, kept for the sagas' next events (tracking/fold_cache.py)
-    writes = ReadModelWrites(folds=[] if fold_cache.folds.size > 0 else None)
-    # Sagas seen for the first time: their rows straight from this batch's events,
-    # inserted in saga-id order. Sagas whose fold this process keeps have a row: they
-    # are not folded for this, only sent along as empty rows, which are stored only
-    # if their row is gone (then re-folded from the store below).
-    kept = sorted(s for s in new_by_saga if s in fold_cache.folds)
-    created = read_model_create(
-        events={s: e for s, e in new_by_saga.items() if s not in fold_cache.folds},
-        writes=writes,
-        placeholders=kept,
-    )
-    # The others: lock their rows; extend the folds kept from their last events,
-    # or re-read every stored event and re-fold.
+    for saga_id, events in batch.items():
+        new = [e for e in events if e.event_id in inserted]
+        if new:
+            new_by_saga[saga_id] = new
+    # The others: lock their rows (done above in pipeline mode); extend the folds kept
+    # from their last events, or re-read every stored event and re-fold.
     known = sorted(s for s in new_by_saga if s not in created and s not in writes.revived)
-    sagas = _sagas_lock(known) if known else {}
+    if locked_later is not None:
+        locked = locked_later()
+        sagas = {s: locked[s] for s in known if s in locked}
+    else:
+        sagas = _sagas_lock_later(known)() if known else {}
     for saga_id, pk in writes.revived.items():  # inserted (so locked) by this transaction
         sagas[saga_id] = LockedSaga(pk, saga_id, 0, 0, "", SagaStatus.RUNNING, "", None, "")
     if sagas:
@@ -299,7 +318,8 @@ def _store_and_project(
                 events=stored_events_get(saga_ids=unkept),
                 writes=writes,
             )
-    writes.write()
+    if new_by_saga or writes.revived:
+        writes.write()
     return sorted(new_by_saga)
 
 
@@ -308,24 +328,26 @@ _LOCK_COLUMNS = ", ".join(
 )
 
 
-def _sagas_lock(saga_ids: list[str]) -> dict[str, LockedSaga]:
-    """Lock these saga rows in saga-id order (the order every saga write takes).
+def _sagas_lock_later(saga_ids: list[str]) -> Callable[[], dict[str, LockedSaga]]:
+    """Lock these saga rows in saga-id order (the order every saga write takes); the
+    returned function gives them by saga id.
 
     One prepared statement on PostgreSQL (ingest runs it on every batch)."""
     if connection.vendor == "postgresql":
-        rows = fetch(
+        later = fetch_later(
             f"SELECT {_LOCK_COLUMNS} FROM {Saga._meta.db_table} "  # noqa: S608
             "WHERE saga_id = ANY(%b::text[]) ORDER BY saga_id FOR UPDATE",
             [saga_ids],
         )
-    else:
-        rows = list(
-            Saga.objects.select_for_update()
-            .filter(saga_id__in=saga_ids)
-            .order_by("saga_id")
-            .values_list(*LockedSaga.__dataclass_fields__)
-        )
-    return {row[1]: LockedSaga(*row) for row in rows}
+        return lambda: {row[1]: LockedSaga(*row) for row in later()}
+    rows = list(
+        Saga.objects.select_for_update()
+        .filter(saga_id__in=saga_ids)
+        .order_by("saga_id")
+        .values_list(*LockedSaga.__dataclass_fields__)
+    )
+    locked = {row[1]: LockedSaga(*row) for row in rows}
+    return lambda: locked
 
 
 def _fold_event(e: EventV1, received_at: datetime) -> FoldEvent:
@@ -371,8 +393,11 @@ _COLUMNS = (
 )
 
 
-def _insert_events(service: Service, valid: list[_Valid], received_at: datetime) -> set[str]:
-    """Store the events; return the ids this call stored (the rest already existed)."""
+def _insert_events_later(
+    service: Service, valid: list[_Valid], received_at: datetime
+) -> Callable[[], list[str]]:
+    """Store the events; the returned function gives the ids this call stored (the
+    rest already existed)."""
     rows = []
     for v in valid:
         e = v.event
@@ -400,6 +425,6 @@ def _insert_events(service: Service, valid: list[_Valid], received_at: datetime)
                 v.hash,
             )
         )
-    return set(
-        insert_new(TelemetryEvent, _COLUMNS, rows, conflict=("service", "event_id"), key="event_id")
+    return insert_new_later(
+        TelemetryEvent, _COLUMNS, rows, conflict=("service", "event_id"), key="event_id"
     )

@@ -10,7 +10,7 @@ INSERT instead of a placeholder row, a lock and an UPDATE).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -20,7 +20,7 @@ from django.db import transaction
 from django.db.models import Q
 
 from tracking import fold_cache
-from tracking.bulk import Write, insert_ignore_returning, upsert_write, write_all
+from tracking.bulk import Write, insert_ignore_returning_later, upsert_write, write_all
 from tracking.detection import watch_at
 from tracking.live import notify_sagas_changed
 from tracking.models import Saga, Step, TelemetryEvent, join_delimited
@@ -368,6 +368,34 @@ def read_model_create(
     id), for the caller to re-fold from the store.
     Precondition: inside a transaction.
     """
+    return read_model_create_later(events=events, writes=writes, placeholders=placeholders)()
+
+
+def read_model_create_later(
+    *,
+    events: Mapping[str, list[FoldEvent]],
+    writes: ReadModelWrites | None = None,
+    placeholders: Collection[str] = (),
+) -> Callable[[], set[str]]:
+    """Insert the rows of sagas that have none yet, folded from ``events`` alone; the
+    INSERT is sent now, the returned function reads its result, does the rest and
+    gives the ids of the sagas created (see :func:`read_model_create`).
+
+    For ingest: a saga without a row has no stored events either (both are
+    written in one transaction), so the batch's events are all of them. A saga
+    whose row exists, or that a concurrent transaction creates first, is left
+    out (the INSERT skips it) and not in the returned ids: the caller locks and
+    re-folds those. Rows go in saga-id order, like every saga write. ``writes``
+    as for :func:`read_model_refold`.
+
+    ``placeholders``: sagas believed to have a row (ingest keeps their folds), sent
+    in the same INSERT as empty rows (version 0, no events), so that every saga
+    row ingest may create is inserted in one statement in saga-id order. Such a
+    row is stored only when the saga's row was gone (deleted by hand, a database
+    emptied under the process); those land in ``writes.revived`` (saga id -> row
+    id), for the caller to re-fold from the store.
+    Precondition: inside a transaction.
+    """
     assert transaction.get_connection().in_atomic_block
     threshold = skew_threshold()
     policy = policy_get()
@@ -379,32 +407,35 @@ def read_model_create(
     empty = [*saga_row_values(SagaState(saga_id="")).values(), None]
     rows += [[s, 0, *empty] for s in placeholders if s not in folds]
     rows.sort(key=lambda r: str(r[0]))
-    inserted = dict(
-        insert_ignore_returning(
-            Saga,
-            ["saga_id", "version", *SAGA_FIELDS, "watch_at"],
-            rows,
-            conflict=("saga_id",),
-            returning=("saga_id", "id"),
-        )
+    sent = insert_ignore_returning_later(
+        Saga,
+        ["saga_id", "version", *SAGA_FIELDS, "watch_at"],
+        rows,
+        conflict=("saga_id",),
+        returning=("saga_id", "id"),
     )
-    created = {s: pk for s, pk in inserted.items() if s in folds}
-    mine = ReadModelWrites() if writes is None else writes
-    mine.revived.update((s, pk) for s, pk in inserted.items() if s not in folds)
-    step_rows: list[list[Any]] = []
-    for saga_id, pk in created.items():
-        state = folds[saga_id].state
-        _contribution_add(mine.contributions, state, saga_row_values(state))
-        step_rows += _step_rows(pk, state)
-        if mine.folds is not None:
-            mine.folds.append((saga_id, pk, 1, folds[saga_id]))
-    if created:
-        mine.new_step_rows += step_rows
-        mine.versions += [(saga_id, 1) for saga_id in created]
-        mine.saga_types.update(folds[s].state.saga_type for s in created)
-    if writes is None:
-        mine.write()
-    return set(created)
+
+    def finish() -> set[str]:
+        inserted = dict(sent())
+        created = {s: pk for s, pk in inserted.items() if s in folds}
+        mine = ReadModelWrites() if writes is None else writes
+        mine.revived.update((s, pk) for s, pk in inserted.items() if s not in folds)
+        step_rows: list[list[Any]] = []
+        for saga_id, pk in created.items():
+            state = folds[saga_id].state
+            _contribution_add(mine.contributions, state, saga_row_values(state))
+            step_rows += _step_rows(pk, state)
+            if mine.folds is not None:
+                mine.folds.append((saga_id, pk, 1, folds[saga_id]))
+        if created:
+            mine.new_step_rows += step_rows
+            mine.versions += [(saga_id, 1) for saga_id in created]
+            mine.saga_types.update(folds[s].state.saga_type for s in created)
+        if writes is None:
+            mine.write()
+        return set(created)
+
+    return finish
 
 
 def _contribution_add(

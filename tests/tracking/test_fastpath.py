@@ -339,3 +339,38 @@ def test_a_sagas_next_report_through_the_fast_path_extends_its_kept_fold(
     assert reads == []
     saga = Saga.objects.get(saga_id="fp-kept")
     assert (saga.version, saga.event_count, saga.current_step) == (2, 2, "charge")
+
+
+def test_resent_events_in_a_pipelined_flush_are_duplicates_and_change_nothing(
+    postgres, endpoint
+) -> None:
+    """The flush folds new sagas assuming every event is new, and locks every saga of
+    the batch: resent events must still come back as duplicates, and a saga whose
+    events are all resent must not be written."""
+    key = service_key_create(service_name="payment").secret
+    first = [
+        event(1, "fp-a", type="saga.started", saga_type="order", sequence=1),
+        event(2, "fp-b", type="saga.started", saga_type="order", sequence=1),
+    ]
+    status, _, answer = asyncio.run(call(endpoint, {"events": first}, key=key))
+    assert (status, answer["accepted"]) == (200, 2)
+    versions = dict(Saga.objects.values_list("saga_id", "version"))
+    # when both are resent with one new event of saga a and a new saga c
+    again = [
+        *first,
+        event(3, "fp-a", type="step.started", step="charge", sequence=2),
+        event(4, "fp-c", type="saga.started", saga_type="order", sequence=1),
+    ]
+    status, _, answer = asyncio.run(call(endpoint, {"events": again}, key=key))
+    # then the resent ones are duplicates, the new ones stored and folded
+    assert status == 200
+    assert [r["status"] for r in answer["results"]] == [
+        "duplicate",
+        "duplicate",
+        "accepted",
+        "accepted",
+    ]
+    after = dict(Saga.objects.values_list("saga_id", "version"))
+    assert after == {"fp-a": versions["fp-a"] + 1, "fp-b": versions["fp-b"], "fp-c": 1}
+    assert Saga.objects.get(saga_id="fp-a").current_step == "charge"
+    assert TelemetryEvent.objects.count() == 4

@@ -168,6 +168,7 @@ class _Folded:
     old_steps: tuple[Counter[StepKey], Counter[StepKey]]  # rollup contribution of its step rows
     steps: Collection[str] | None  # the step rows to write; None: all of the fold's
     stale_steps: bool  # stored step rows the fold no longer has may have to go
+    counted: Collection[str] | None = None  # steps in ``old_steps``; None: all of them
 
 
 def skew_threshold() -> timedelta:
@@ -293,15 +294,28 @@ def read_model_extend(
         ):
             rest.append(saga_id)
             continue
-        old = step_contribution(  # before extend() changes the attempts in place
+        # The rollup contribution of the steps the events name, before extend() changes
+        # their attempts in place (the other steps do not change: their contribution
+        # before and after cancels out, so it is left out, unless the saga's type
+        # changes, which moves every step's contribution to the new type).
+        names = {e.step for e in events[saga_id]}
+        old = step_contribution(
             saga_type=row.saga_type,
-            steps=[(st.name, st.attempts) for st in kept.state.steps.values()],
+            steps=[(st.name, st.attempts) for st in kept.state.steps.values() if st.name in names],
         )
         touched = kept.extend(events[saga_id])
         if touched is None:
             rest.append(saga_id)
             continue
-        todo[saga_id] = _Folded(row, kept, old, touched, False)
+        counted: Collection[str] | None = names
+        if kept.state.saga_type != row.saga_type:
+            untouched = [
+                (st.name, st.attempts) for st in kept.state.steps.values() if st.name not in names
+            ]
+            more = step_contribution(saga_type=row.saga_type, steps=untouched)
+            old = (old[0] + more[0], old[1] + more[1])
+            counted = None
+        todo[saga_id] = _Folded(row, kept, old, touched, False, counted)
     _folded_write(todo, writes)
     return rest
 
@@ -331,7 +345,7 @@ def _folded_write(todo: Mapping[str, _Folded], mine: ReadModelWrites) -> None:
         watch = watch_at(state, policy, open_incidents=bool(row.open_incidents))
         saga_rows.append([row.pk, saga_id, version, *values.values(), watch])
         contributions.add(sign=-1, saga=saga_row_contribution(row), steps=f.old_steps)
-        _contribution_add(contributions, state, values)
+        _contribution_add(contributions, state, values, steps=f.counted)
         if f.stale_steps:
             stale.append(row.pk)
         step_rows += _step_rows(row.pk, state, f.steps)
@@ -439,9 +453,14 @@ def read_model_create_later(
 
 
 def _contribution_add(
-    contributions: Contributions, state: SagaState, values: dict[str, object]
+    contributions: Contributions,
+    state: SagaState,
+    values: dict[str, object],
+    *,
+    steps: Collection[str] | None = None,
 ) -> None:
-    """Add a folded saga's rollup contribution (its status bucket, its finished steps)."""
+    """Add a folded saga's rollup contribution (its status bucket, its finished steps;
+    of the ``steps`` named, or all)."""
     contributions.add(
         sign=1,
         saga=saga_contribution(
@@ -453,7 +472,11 @@ def _contribution_add(
         ),
         steps=step_contribution(
             saga_type=state.saga_type,
-            steps=[(s.name, s.attempts) for s in state.steps.values()],
+            steps=[
+                (s.name, s.attempts)
+                for s in state.steps.values()
+                if steps is None or s.name in steps
+            ],
         ),
     )
 

@@ -14,11 +14,13 @@ from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 
 from tests.conftest import T0
+from tests.tracking.test_rebuild import rollup_totals
 from tracking.fold_cache import FoldCache, folds
 from tracking.ingest import events_ingest
 from tracking.keys import service_get_or_create
 from tracking.models import Saga, Service, Step, TelemetryEvent
 from tracking.read_model import read_model_rebuild
+from tracking.rollups import rollup_compact, rollups_rebuild
 
 pytestmark = pytest.mark.django_db
 
@@ -191,3 +193,22 @@ def test_a_kept_fold_whose_saga_row_was_deleted_by_hand_is_refolded_from_the_sto
     assert_rebuild_changes_nothing("s1")
     # and the fold is kept again for the saga's next events
     assert report(events[3]) == []
+
+
+def test_a_saga_type_reported_late_moves_every_steps_rollup_contribution(report) -> None:
+    """Extending a kept fold writes the rollup deltas of the steps the new events name;
+    a saga type that arrives later moves every step's contribution to it."""
+    # given a saga whose first step finished before anything named its type
+    events = saga_events("s1")
+    untyped = [dict(e) for e in events[1:5]]  # order and payment: started, succeeded
+    report(*untyped)
+    typed = dict(events[5], saga_type="order")  # stock started, naming the type
+    # when the next event names the saga's type (its fold is kept and extended)
+    assert report(typed) == []
+    # then the step statistics are those a rebuild computes from the rows
+    rollup_compact()
+    incremental = rollup_totals()
+    rollups_rebuild()
+    rollup_compact()
+    assert rollup_totals() == incremental
+    assert {k[1] for k in incremental[1]} == {"order"}

@@ -72,6 +72,9 @@ async def asgi_post(
 def flush_replace(endpoint: IngestEndpoint, flush: Any) -> None:
     """Make the batcher run ``flush`` (on its flush thread) instead of its own."""
     endpoint.batcher.flush = flush  # type: ignore[method-assign]
+    endpoint.batcher._flush = sync_to_async(
+        flush, thread_sensitive=False, executor=endpoint.batcher.executor
+    )
 
 
 def event(i: int, saga: str = "fp-1", **extra: Any) -> dict[str, Any]:

@@ -14,8 +14,6 @@ See docs/decisions/0008-ingest-fast-path.md.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import logging
 import time
 from collections import defaultdict
@@ -114,15 +112,7 @@ class IngestBatcher:
         self._task: asyncio.Task[None] | None = None  # keeps the drain task referenced
         # One thread, so the flushes of this process share one database connection.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
-
-    async def _flush(self, batch: list[_Job]) -> None:
-        """Run :meth:`flush` on the flush thread (a plain executor hand-over, in this
-        context's copy: lighter than ``sync_to_async``, and the flush thread has no
-        event loop, so Django's database calls are allowed there)."""
-        context = contextvars.copy_context()
-        await asyncio.get_running_loop().run_in_executor(
-            self.executor, functools.partial(context.run, self.flush, batch)
-        )
+        self._flush = sync_to_async(self.flush, thread_sensitive=False, executor=self.executor)
 
     def close(self) -> None:
         """Give the flush thread's database connection back and stop the thread."""

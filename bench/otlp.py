@@ -447,8 +447,12 @@ PROFILE_POINTS = (  # (label, file, function): cumulative time (Python 3.12+'s c
     ("  JSON split (body_split)", "api/ingest.py", "body_split"),
     ("  events_ingest (the same for both paths)", "tracking/ingest.py", "events_ingest"),
     ("    validate (decode_event, content_hash, ...)", "tracking/ingest.py", "_validate"),
-    ("    insert events (_insert_events)", "tracking/ingest.py", "_insert_events"),
-    ("    project new sagas (read_model_create)", "tracking/read_model.py", "read_model_create"),
+    ("    insert events (_insert_events_later)", "tracking/ingest.py", "_insert_events_later"),
+    (
+        "    fold and insert new sagas (read_model_create_later)",
+        "tracking/read_model.py",
+        "read_model_create_later",
+    ),
     ("  commit", "django/db/backends/base/base.py", "commit"),
     ("  waiting for PostgreSQL (psycopg wait, all of the above)", "psycopg/connection.py", "wait"),
 )

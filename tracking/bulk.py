@@ -149,7 +149,7 @@ def _copy_worth(rows: Sequence[Row]) -> bool:
     if not _is_pg() or len(rows) < COPY_MIN_ROWS:
         return False
     connection.ensure_connection()
-    return connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF
+    return not in_pipeline()
 
 
 @contextlib.contextmanager
@@ -350,14 +350,10 @@ def in_pipeline() -> bool:
     return raw is not None and raw.pgconn.pipeline_status != pq.PipelineStatus.OFF
 
 
-def fetch(sql: str, params: list[Any]) -> list[Any]:
-    """Rows of a PostgreSQL query with server-side binding (``%b`` for arrays), prepared
-    once it repeats (see :func:`_server_side`)."""
-    return _server_side(sql, params, returns=True)
-
-
 def fetch_later(sql: str, params: list[Any]) -> Later:
-    """:func:`fetch`, the rows read when the returned function is called."""
+    """Rows of a PostgreSQL query with server-side binding (``%b`` for arrays), prepared
+    once it repeats (see :func:`_server_side`), read when the returned function is
+    called."""
     return _server_side_later(sql, params)
 
 
@@ -432,8 +428,8 @@ def upsert(
 ) -> None:
     """INSERT rows; where a row exists (by ``conflict``), set its ``update`` columns
     to the new values and add the new values to its ``increment`` columns."""
-    suffix = _upsert_suffix(model, tuple(conflict), tuple(update), tuple(increment))
-    _insert(model, columns, rows, suffix)
+    w = upsert_write(model, columns, rows, conflict=conflict, update=update, increment=increment)
+    _insert(w.model, w.columns, w.rows, w.suffix)
 
 
 @functools.cache
@@ -527,18 +523,6 @@ def _ctes_sql(parts: tuple[tuple[_Shape, str], ...]) -> str:
         for i, (shape, suffix) in enumerate(parts)
     )
     return f"WITH {ctes} SELECT 1"
-
-
-def insert_new(
-    model: type[models.Model],
-    columns: Sequence[str],
-    rows: Sequence[Row],
-    *,
-    conflict: Sequence[str],
-    key: str,
-) -> list[Any]:
-    """:func:`insert_new_later`, its result read at once."""
-    return insert_new_later(model, columns, rows, conflict=conflict, key=key)()
 
 
 def insert_new_later(

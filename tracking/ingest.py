@@ -269,9 +269,9 @@ def _store_and_project(
     # inserted in saga-id order. Sagas whose fold this process keeps have a row: they
     # are not folded for this, only sent along as empty rows, which are stored only
     # if their row is gone (then re-folded from the store below).
-    kept = sorted(s for s in batch if s in fold_cache.folds)
+    kept = {s for s in batch if s in fold_cache.folds}
     created_later = read_model_create_later(
-        events={s: e for s, e in batch.items() if s not in fold_cache.folds},
+        events={s: e for s, e in batch.items() if s not in kept},
         writes=writes,
         placeholders=kept,
     )

@@ -153,16 +153,9 @@ def _ordered(
     """Deduplicate by (service, event_id); each event with its canonical sort key, sorted;
     and each service's :data:`Tail` (what :meth:`Fold.extend` needs to place later events)."""
     unique = {(e.service, e.event_id): e for e in events}
-    by_service: dict[str, list[FoldEvent]] = defaultdict(list)
-    keyed: list[tuple[SortKey, FoldEvent]] = []
+    keyed, by_service = _split(unique.values())
     tails: dict[str, Tail] = {}
-    for e in unique.values():
-        if e.sequence is None:
-            keyed.append(((e.occurred_at, RANK[e.type], e.service, -1, e.event_id), e))
-        else:
-            by_service[e.service].append(e)
     for service, group in by_service.items():
-        group.sort(key=lambda e: (e.sequence, RANK[e.type], e.event_id))
         times = sorted(e.occurred_at for e in group)
         previous: datetime | None = None
         for e, t in zip(group, times, strict=True):
@@ -176,6 +169,23 @@ def _ordered(
         tails[service] = ((last.sequence, RANK[last.type], last.event_id), previous, times[-1])
     keyed.sort(key=lambda k: k[0])
     return keyed, tails
+
+
+def _split(
+    events: Iterable[FoldEvent],
+) -> tuple[list[tuple[SortKey, FoldEvent]], dict[str, list[FoldEvent]]]:
+    """The unsequenced events with their sort keys (their reporter time is their
+    effective time), and the sequenced ones by service, in sequence order."""
+    keyed: list[tuple[SortKey, FoldEvent]] = []
+    by_service: dict[str, list[FoldEvent]] = defaultdict(list)
+    for e in events:
+        if e.sequence is None:
+            keyed.append(((e.occurred_at, RANK[e.type], e.service, -1, e.event_id), e))
+        else:
+            by_service[e.service].append(e)
+    for group in by_service.values():
+        group.sort(key=lambda e: (e.sequence, RANK[e.type], e.event_id))
+    return keyed, by_service
 
 
 def order_events(events: Iterable[FoldEvent]) -> list[FoldEvent]:
@@ -256,15 +266,8 @@ class Fold:
         time of that service is later than its own (the sorted times then gain
         it at the end)."""
         tails = dict(self._tails)
-        keyed: list[tuple[SortKey, FoldEvent]] = []
-        by_service: dict[str, list[FoldEvent]] = defaultdict(list)
-        for e in events:
-            if e.sequence is None:
-                keyed.append(((e.occurred_at, RANK[e.type], e.service, -1, e.event_id), e))
-            else:
-                by_service[e.service].append(e)
+        keyed, by_service = _split(events)
         for service, group in by_service.items():
-            group.sort(key=lambda e: (e.sequence, RANK[e.type], e.event_id))
             tail = tails.get(service)
             for e in group:
                 assert e.sequence is not None

@@ -391,25 +391,9 @@ def read_model_create_later(
     writes: ReadModelWrites | None = None,
     placeholders: Collection[str] = (),
 ) -> Callable[[], set[str]]:
-    """Insert the rows of sagas that have none yet, folded from ``events`` alone; the
-    INSERT is sent now, the returned function reads its result, does the rest and
-    gives the ids of the sagas created (see :func:`read_model_create`).
-
-    For ingest: a saga without a row has no stored events either (both are
-    written in one transaction), so the batch's events are all of them. A saga
-    whose row exists, or that a concurrent transaction creates first, is left
-    out (the INSERT skips it) and not in the returned ids: the caller locks and
-    re-folds those. Rows go in saga-id order, like every saga write. ``writes``
-    as for :func:`read_model_refold`.
-
-    ``placeholders``: sagas believed to have a row (ingest keeps their folds), sent
-    in the same INSERT as empty rows (version 0, no events), so that every saga
-    row ingest may create is inserted in one statement in saga-id order. Such a
-    row is stored only when the saga's row was gone (deleted by hand, a database
-    emptied under the process); those land in ``writes.revived`` (saga id -> row
-    id), for the caller to re-fold from the store.
-    Precondition: inside a transaction.
-    """
+    """:func:`read_model_create`, its INSERT sent now; the returned function reads its
+    result, does the rest and gives the ids of the sagas created (in pipeline mode
+    statements sent after it wait for the server together with it)."""
     assert transaction.get_connection().in_atomic_block
     threshold = skew_threshold()
     policy = policy_get()

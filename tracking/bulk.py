@@ -164,11 +164,12 @@ def pipelined_transaction(*, rows: int) -> Iterator[None]:
     round trip. (The commit is sent as a statement inside the block, so that
     Django's own commit, when the block ends, finds nothing left to commit and
     runs the on-commit hooks.) An error of a queued statement surfaces later
-    than it would otherwise — at the next statement that waits for results, or
-    at the end of the block — and fails the whole transaction; nothing is
-    committed then. So the block must not count on catching a database error
-    where it happens (e.g. around a nested ``atomic()``). ``rows`` is a hint:
-    the number of events, say; past it nothing is pipelined.
+    than it would otherwise — at whichever later statement happens to read the
+    server's answer, or at the end of the block — and fails the whole
+    transaction: caught there (by a nested ``atomic()``, say), it leaves the
+    pipeline aborted, every later statement fails, and nothing is committed.
+    So the block must not count on catching a database error where it happens.
+    ``rows`` is a hint: the number of events, say; past it nothing is pipelined.
     """
     # (inside a test case's transaction, which a durable block may join, COMMIT
     # would end the test's transaction: no pipeline there)

@@ -4,11 +4,12 @@ pipeline mode."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import psycopg
 import pytest
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 from psycopg import pq
 
@@ -119,18 +120,27 @@ def test_a_pipelined_transaction_marked_for_rollback_commits_nothing(postgres) -
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_database_error_inside_a_pipelined_transaction_fails_it_whole(postgres) -> None:
-    """In pipeline mode an error surfaces late: not where a nested atomic() could
-    catch it, but when the block ends; the whole transaction fails."""
+@pytest.mark.parametrize(
+    "answer_delay", [0.0, 0.05], ids=["error-read-at-the-end", "error-read-inside"]
+)
+def test_a_database_error_inside_a_pipelined_transaction_fails_it_whole(
+    postgres, answer_delay: float
+) -> None:
+    """In pipeline mode an error surfaces late: at whichever later statement reads
+    the server's answer, or when the block ends. Even when a nested atomic()
+    catches it, the statements after it fail and nothing is committed."""
     now = timezone.now()
-    with pytest.raises(IntegrityError), pipelined_transaction(rows=1):
+    with pytest.raises(DatabaseError), pipelined_transaction(rows=1):
         append(Service, ["name", "created_at"], [("pipelined-first", now)])
         try:
             with transaction.atomic():
                 append(Service, ["name", "created_at"], [("pipelined-first", now)])
-        except IntegrityError:  # not raised here
-            pytest.fail("the error surfaced inside the block")
-    assert not Service.objects.filter(name="pipelined-first").exists()
+                time.sleep(answer_delay)  # the server's error is back before RELEASE is sent
+        except IntegrityError:
+            pass  # caught: the pipeline stays aborted, the next statement fails
+        append(Service, ["name", "created_at"], [("pipelined-after", now)])
+    # wherever it surfaced (inside, where it was caught, or at the end), nothing is kept
+    assert not Service.objects.filter(name__startswith="pipelined-").exists()
 
 
 @pytest.mark.django_db(transaction=True)

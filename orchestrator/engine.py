@@ -25,13 +25,14 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 import outbox
@@ -45,7 +46,8 @@ from orchestrator.definitions import (
     definition_get,
 )
 from orchestrator.models import RunStatus, SagaRun, StepRun, StepRunStatus
-from orchestrator.reporting import Telemetry
+from orchestrator.reporting import Telemetry, telemetry_send
+from orchestrator.rows import rows_update
 from sagaadmin import telemetry
 
 log = logging.getLogger(__name__)
@@ -113,50 +115,110 @@ def saga_start(*, saga_type: str, saga_id: str, data: dict[str, Any] | None = No
     ``UnknownSagaType``.
     """
     definition = definition_get(saga_type)
-    if not saga_id or len(saga_id) > 200:
-        raise StartRefused("saga_id", "1 to 200 characters")
-    if data is not None and not isinstance(data, dict):
-        raise StartRefused("data", "a JSON object")
-    try:
-        clean = json_value(data or {})
-    except TypeError as exc:
-        raise StartRefused("data", str(exc)) from None
+    clean = {_saga_id(saga_id, "saga_id"): _data(data, "data")}
     # The saga's trace: the caller's, or (tracing on, no caller's) one of its own.
     with telemetry.span("saga start", saga_id=saga_id, saga_type=saga_type):
-        return _start(definition, saga_type, saga_id, clean)
+        return _start(definition, saga_type, clean)[saga_id]
 
 
-def _start(definition: Any, saga_type: str, saga_id: str, clean: dict[str, Any]) -> SagaRun:
+def sagas_start(
+    *, saga_type: str, sagas: Iterable[tuple[str, dict[str, Any] | None]]
+) -> list[SagaRun]:
+    """Start many sagas of one type — ``(saga_id, data)`` pairs — in one transaction.
+
+    What ``saga_start`` does for each (idempotent on each saga id; a saga id
+    given twice starts one saga, with the first data), with the statements
+    shared: a batch job or an import starting a thousand sagas pays for a few
+    statements, not a thousand transactions. Joins the caller's transaction.
+    Returns the runs in the order given. A bad pair refuses them all
+    (:class:`StartRefused` naming ``sagas[i].saga_id`` or ``sagas[i].data``).
+    """
+    definition = definition_get(saga_type)
+    clean: dict[str, dict[str, Any]] = {}
+    fields: dict[str, str] = {}
+    order: list[str] = []
+    for i, (saga_id, data) in enumerate(sagas):
+        order.append(_saga_id(saga_id, f"sagas[{i}].saga_id"))
+        if saga_id not in clean:
+            clean[saga_id] = _data(data, f"sagas[{i}].data")
+            fields[saga_id] = f"sagas[{i}].saga_id"
+    if not clean:
+        return []
+    with telemetry.span("sagas start", saga_type=saga_type, sagas=len(clean)):
+        runs = _start(definition, saga_type, clean, fields)
+    return [runs[saga_id] for saga_id in order]
+
+
+def _saga_id(saga_id: Any, field: str) -> str:
+    if not isinstance(saga_id, str) or not saga_id or len(saga_id) > 200:
+        raise StartRefused(field, "1 to 200 characters")
+    return saga_id
+
+
+def _data(data: Any, field: str) -> dict[str, Any]:
+    if data is not None and not isinstance(data, dict):
+        raise StartRefused(field, "a JSON object")
+    try:
+        clean: dict[str, Any] = json_value(data or {})
+    except TypeError as exc:
+        raise StartRefused(field, str(exc)) from None
+    return clean
+
+
+def _start(
+    definition: SagaDefinition,
+    saga_type: str,
+    clean: dict[str, dict[str, Any]],
+    fields: dict[str, str] | None = None,
+) -> dict[str, SagaRun]:
+    """The runs of the saga ids in ``clean`` (id -> data): those that exist, and the
+    others created with their steps and ``saga.started`` events. ``fields``: the
+    argument each saga id came in, for errors (default ``saga_id``)."""
+    fields = fields or {}
     now = timezone.now()
     with transaction.atomic():
-        existing = SagaRun.objects.filter(saga_id=saga_id).first()
-        if existing is None:
-            try:
-                with transaction.atomic():
-                    run = SagaRun.objects.create(
-                        saga_id=saga_id,
-                        saga_type=saga_type,
-                        data=clean,
-                        next_run_at=now,
-                        created_at=now,
-                        updated_at=now,
-                        traceparent=telemetry.traceparent(),
-                    )
-            except IntegrityError:  # a concurrent start won
-                existing = SagaRun.objects.get(saga_id=saga_id)
-            else:
-                StepRun.objects.bulk_create(
-                    StepRun(run=run, name=s.name, position=i, kind=s.kind)
-                    for i, s in enumerate(definition.steps)
-                )
-                tel = Telemetry(run, definition.service)
-                tel.add("saga.started", now, attributes=_attributes(clean))
-                run.save(update_fields=["report_seq"])
-                tel.send()
-                return run
-        if existing.saga_type != saga_type:
-            raise StartRefused("saga_id", f"already used by a saga of type {existing.saga_type}")
-        return existing
+        runs = {r.saga_id: r for r in SagaRun.objects.filter(saga_id__in=list(clean))}
+        for run in runs.values():
+            if run.saga_type != saga_type:
+                field = fields.get(run.saga_id, "saga_id")
+                raise StartRefused(field, f"already used by a saga of type {run.saga_type}")
+        fresh = [
+            SagaRun(
+                saga_id=saga_id,
+                saga_type=saga_type,
+                data=clean[saga_id],
+                next_run_at=now,
+                created_at=now,
+                updated_at=now,
+                traceparent=telemetry.traceparent(),
+            )
+            for saga_id in sorted(set(clean) - set(runs))  # one order: no deadlock with others
+        ]
+        if not fresh:
+            return runs
+        try:
+            with transaction.atomic():
+                SagaRun.objects.bulk_create(fresh)
+        except IntegrityError:  # a concurrent start won (some of) them: one by one
+            if len(clean) == 1:
+                return {r.saga_id: r for r in SagaRun.objects.filter(saga_id__in=list(clean))}
+            for saga_id, data in clean.items():
+                runs.update(_start(definition, saga_type, {saga_id: data}, fields))
+            return runs
+        StepRun.objects.bulk_create(
+            StepRun(run=run, name=s.name, position=i, kind=s.kind)
+            for run in fresh
+            for i, s in enumerate(definition.steps)
+        )
+        reports = []
+        for run in fresh:
+            tel = Telemetry(run, definition.service)
+            tel.add("saga.started", now, attributes=_attributes(run.data))
+            reports.append(tel)
+        rows_update(SagaRun, fresh, ["report_seq"])
+        telemetry_send(reports)
+        runs.update({run.saga_id: run for run in fresh})
+    return runs
 
 
 def _attributes(data: dict[str, Any]) -> dict[str, Any]:
@@ -176,27 +238,104 @@ def _attributes(data: dict[str, Any]) -> dict[str, Any]:
 
 def run_advance(claim: Claim, *, now: datetime | None = None) -> bool:
     """One transition of a claimed run. True: it may advance again at once."""
-    with transaction.atomic(durable=True):
-        run = SagaRun.objects.select_for_update().filter(pk=claim.pk).first()
-        if run is None or run.lease_token != claim.token or run.lease_owner != claim.owner:
-            return False  # fenced: the lease went to another worker
-        now = now or timezone.now()
-        if run.is_terminal or run.paused or (run.next_run_at and run.next_run_at > now):
-            return False
-        definition = definition_get(run.saga_type)
-        steps = list(StepRun.objects.filter(run=run).order_by("position"))
-        before = steps_snapshot(steps)
-        with (
-            telemetry.continued({"traceparent": run.traceparent}),
-            telemetry.span("orchestrator transition", saga_id=run.saga_id, saga_type=run.saga_type),
-        ):
-            tel = Telemetry(run, definition.service)
-            again = _transition(run, definition, steps, tel, now)
-            run.lease_until = timezone.now() + _lease()  # still working on it
-            transition_save(run, steps, before, tel)
-        fault("after-transition-before-commit")
+    return bool(runs_advance([claim], now=now))
+
+
+# A group stops taking transitions this long after it began (slow actions keep
+# the group's rows locked and its commit waiting); the rest wait for the next.
+GROUP_SECONDS = 0.1
+
+# A worker's step rows of the runs it holds, from its last committed transition:
+# run pk -> (the run's version then, its steps). Valid while the run's version
+# is unchanged: every writer of step rows (transitions, replies, operator hooks)
+# bumps it.
+StepsKept = dict[int, tuple[int, list[StepRun]]]
+
+
+def runs_advance(
+    claims: Sequence[Claim], *, now: datetime | None = None, kept: StepsKept | None = None
+) -> list[Claim]:
+    """One transition of each claimed run, all in one transaction: a group commit.
+
+    Each transition is what it is alone — the run's new state, the steps it
+    changed, its telemetry and outbox messages — and the group's transitions
+    commit together or not at all, so every transition stays atomic and
+    durable; what the group saves is the fixed cost of a transaction per
+    transition (its locks, reads, writes and commit, one statement each for
+    all of them). A crash before the commit rolls back every transition of the
+    group, as it would the one transition in hand: their actions' database
+    writes go with them, and their actions run again with the same
+    idempotency key. Runs whose claim was fenced off, which are not due, or
+    which the group's time budget (``GROUP_SECONDS``) left out are skipped.
+
+    ``kept``: the caller's :data:`StepsKept` across calls (its step rows are
+    then read only for runs whose version moved). Returns the claims whose
+    runs may advance again at once (in ``claims``' order). An exception rolls
+    back the whole group; the caller then advances the runs one by one
+    (``run_advance``) to find the one at fault.
+    """
+    if not claims:
+        return []
+    held = {c.pk: c for c in claims}
+    kept = {} if kept is None else kept
+    again: set[int] = set()
+    done: list[Transition] = []
+    try:
+        with transaction.atomic(durable=True):
+            runs = [
+                run
+                for run in SagaRun.objects.select_for_update().filter(pk__in=held).order_by("pk")
+                if run.lease_token == held[run.pk].token and run.lease_owner == held[run.pk].owner
+            ]  # any other: fenced, the lease went to another worker
+            steps_of = _steps(runs, kept)
+            began = time.monotonic()
+            for run in runs:
+                at = now or timezone.now()
+                if run.is_terminal or run.paused or (run.next_run_at and run.next_run_at > at):
+                    continue
+                if done and time.monotonic() - began > GROUP_SECONDS:
+                    again.add(run.pk)  # still due: the next group takes it
+                    continue
+                definition = definition_get(run.saga_type)
+                steps = steps_of[run.pk]
+                before = steps_snapshot(steps)
+                with (
+                    telemetry.continued({"traceparent": run.traceparent}),
+                    telemetry.span(
+                        "orchestrator transition", saga_id=run.saga_id, saga_type=run.saga_type
+                    ),
+                ):
+                    tel = Telemetry(run, definition.service)
+                    if _transition(run, definition, steps, tel, at) and not run.is_terminal:
+                        again.add(run.pk)
+                run.lease_until = timezone.now() + _lease()  # still working on it
+                done.append(Transition(run, steps, before, tel))
+            transitions_save(done)
+            fault("after-transition-before-commit")
+    except BaseException:
+        for pk in held:  # changed in memory, not in the database
+            kept.pop(pk, None)
+        raise
+    for t in done:
+        kept[t.run.pk] = (t.run.version, t.steps)
     fault("after-transition")
-    return again and not run.is_terminal
+    return [c for c in claims if c.pk in again]
+
+
+def _steps(runs: list[SagaRun], kept: StepsKept) -> dict[int, list[StepRun]]:
+    """The runs' step rows in position order: kept ones where the run's version
+    is the kept one, the others read (one query)."""
+    steps_of: dict[int, list[StepRun]] = {}
+    for run in runs:
+        version, steps = kept.get(run.pk, (None, []))
+        if version == run.version:
+            steps_of[run.pk] = steps
+    unknown = [run.pk for run in runs if run.pk not in steps_of]
+    if unknown:
+        steps_of.update({pk: [] for pk in unknown})
+        for step in StepRun.objects.filter(run_id__in=unknown).order_by("run_id", "position"):
+            steps_of[step.run_id].append(step)
+    return steps_of
 
 
 STEP_FIELDS = (
@@ -213,24 +352,48 @@ STEP_FIELDS = (
     "ended_at",
     "last_error",
 )
+# every column of the run but its key (what ``run.save()`` writes)
+RUN_FIELDS = tuple(f.attname for f in SagaRun._meta.concrete_fields if not f.primary_key)
 
 
 def steps_snapshot(steps: list[StepRun]) -> dict[int, tuple[Any, ...]]:
     return {s.pk: tuple(getattr(s, f) for f in STEP_FIELDS) for s in steps}
 
 
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A run changed in memory by one transition, not yet written."""
+
+    run: SagaRun
+    steps: list[StepRun]
+    before: dict[int, tuple[Any, ...]]  # steps_snapshot() of the steps before it
+    telemetry: Telemetry
+
+
 def transition_save(
     run: SagaRun, steps: list[StepRun], before: dict[int, tuple[Any, ...]], tel: Telemetry
 ) -> None:
     """Write the run, the steps the transition changed (usually one), then report."""
-    run.version += 1
-    run.updated_at = timezone.now()
-    run.save()
-    for step in steps:
-        values = tuple(getattr(step, f) for f in STEP_FIELDS)
-        if values != before[step.pk]:
-            StepRun.objects.filter(pk=step.pk).update(**dict(zip(STEP_FIELDS, values, strict=True)))
-    tel.send()
+    transitions_save([Transition(run, steps, before, tel)])
+
+
+def transitions_save(done: Sequence[Transition]) -> None:
+    """Write the runs (version + 1), the steps their transitions changed, then report
+    their events: one statement per table and one report per service, whatever
+    the number of transitions."""
+    if not done:
+        return
+    at = timezone.now()
+    changed: list[StepRun] = []
+    for t in done:
+        t.run.version += 1
+        t.run.updated_at = at
+        changed.extend(
+            s for s in t.steps if tuple(getattr(s, f) for f in STEP_FIELDS) != t.before[s.pk]
+        )
+    rows_update(SagaRun, [t.run for t in done], RUN_FIELDS)
+    rows_update(StepRun, changed, STEP_FIELDS)
+    telemetry_send([t.telemetry for t in done])
 
 
 def _transition(
@@ -311,20 +474,42 @@ def _attempt(
 def _call(
     action: Any, ctx: StepContext, timeout: float, retry: RetryPolicy
 ) -> tuple[Any, dict[str, Any] | None]:
-    """(result, None) or (None, error); the action's writes roll back when it fails."""
-    savepoint = transaction.savepoint()
+    """(result, None) or (None, error); the action's writes roll back when it fails.
+
+    The savepoint that undoes them is taken just before the action's first
+    statement (through Django's connection), so an action that writes nothing
+    costs no round trip for it.
+    """
+    savepoint = _LazySavepoint()
     started = time.monotonic()
     try:
-        result = json_value(action(ctx))
+        with connection.execute_wrapper(savepoint):
+            result = json_value(action(ctx))
         fault("after-action")
         elapsed = time.monotonic() - started
         if elapsed > timeout:
             raise StepTimeout(f"took {elapsed:.2f} s, past its timeout of {timeout:g} s")
     except Exception as exc:  # an action's failure is data, never a crash of the worker
-        transaction.savepoint_rollback(savepoint)
+        if savepoint.id is not None:
+            transaction.savepoint_rollback(savepoint.id)
         return None, _error(exc, retry)
-    transaction.savepoint_commit(savepoint)
+    if savepoint.id is not None:
+        transaction.savepoint_commit(savepoint.id)
     return result, None
+
+
+class _LazySavepoint:
+    """An execute wrapper that takes a savepoint before the first statement it sees."""
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self._taking = False
+
+    def __call__(self, execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
+        if self.id is None and not self._taking:
+            self._taking = True  # the SAVEPOINT statement passes through here too
+            self.id = transaction.savepoint()
+        return execute(sql, params, many, context)
 
 
 def _error(exc: BaseException, retry: RetryPolicy) -> dict[str, Any]:

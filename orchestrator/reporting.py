@@ -58,6 +58,18 @@ class Telemetry:
         self.events.append(event)
 
     def send(self) -> None:
-        report = reporter()
-        if report is not None and self.events:
-            report(service=self.service, events=self.events)
+        telemetry_send([self])
+
+
+def telemetry_send(batches: list[Telemetry]) -> None:
+    """Report the events of several transitions: one report per service, each
+    transition's events in order."""
+    report = reporter()
+    if report is None:
+        return
+    by_service: dict[str, list[dict[str, Any]]] = {}
+    for batch in batches:
+        if batch.events:
+            by_service.setdefault(batch.service, []).extend(batch.events)
+    for service, events in by_service.items():
+        report(service=service, events=events)

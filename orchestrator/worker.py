@@ -21,7 +21,7 @@ from django.db import DatabaseError, connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from orchestrator.engine import Claim, _lease, fault, run_advance
+from orchestrator.engine import Claim, StepsKept, _lease, fault, run_advance, runs_advance
 from orchestrator.models import SagaRun
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,18 @@ def run_set_aside(claim: Claim, exc: BaseException) -> None:
 
 
 def claim_release(claim: Claim) -> None:
-    SagaRun.objects.filter(pk=claim.pk, lease_token=claim.token, lease_owner=claim.owner).update(
-        lease_owner="", lease_until=None
+    claims_release([claim])
+
+
+def claims_release(claims: list[Claim]) -> None:
+    """Give the runs back (one statement): only where the claim still holds."""
+    if not claims:
+        return
+    held = Q(
+        *(Q(pk=c.pk, lease_token=c.token, lease_owner=c.owner) for c in claims),
+        _connector=Q.OR,
     )
+    SagaRun.objects.filter(held).update(lease_owner="", lease_until=None)
 
 
 class Worker:
@@ -79,22 +88,42 @@ class Worker:
         self.poll = cfg["POLL_SECONDS"]
 
     def run_once(self, *, stop: threading.Event | None = None) -> int:
-        """Claim one batch and advance each run until it waits. Returns transitions made."""
+        """Claim one batch and advance its runs until each waits: one transition of
+        every due run per transaction (a group commit), round after round.
+        Returns the transitions made."""
         transitions = 0
-        for claim in runs_claim(owner=self.owner, limit=self.batch):
+        claims = runs_claim(owner=self.owner, limit=self.batch)
+        active = claims
+        kept: StepsKept = {}
+        try:
+            while active and not (stop and stop.is_set()):
+                transitions += len(active)
+                try:
+                    active = runs_advance(active, kept=kept)
+                except DatabaseError:
+                    raise
+                except Exception:  # found below, run by run
+                    active = self._one_by_one(active, stop)
+        finally:
+            claims_release(claims)
+        return transitions
+
+    def _one_by_one(self, claims: list[Claim], stop: threading.Event | None) -> list[Claim]:
+        """A group failed: advance its runs alone, so only the run at fault (an
+        undefined type, a bug) is set aside — looked at again in a minute."""
+        again = []
+        for claim in claims:
+            if stop and stop.is_set():
+                break
             try:
-                while not (stop and stop.is_set()):
-                    transitions += 1
-                    if not run_advance(claim):
-                        break
+                if run_advance(claim):
+                    again.append(claim)
             except DatabaseError:
                 raise
-            except Exception as exc:  # one bad run (an undefined type, a bug) must not stop us
+            except Exception as exc:
                 log.exception("orchestrator: run %s failed; retried in a minute", claim.pk)
                 run_set_aside(claim, exc)
-            finally:
-                claim_release(claim)
-        return transitions
+        return again
 
     def drain(self, *, max_rounds: int = 10_000) -> int:
         """Run until nothing is due (tests, ``--once``)."""

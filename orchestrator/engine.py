@@ -16,7 +16,10 @@ circuit, or it finished). One call is one transition:
 Fencing: every transition locks the run row and checks the claim's lease
 token, so a worker whose lease expired (another took over) cannot write; a
 reply is accepted only for the command id the step is waiting for.
-Lock order: the run row, then tracking's rows (through the reporter).
+Lock order: the run rows (a round's in primary-key order), then tracking's
+rows (through the reporter). Rows a round's transitions lock besides (circuit
+rows, an action's own) can conflict with another worker's round: the database
+then aborts one round, which is retried one run at a time (orchestrator/worker.py).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 
 import msgspec
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
 import outbox
@@ -130,6 +133,8 @@ def sagas_start(
     given twice starts one saga, with the first data), with the statements
     shared: a batch job or an import starting a thousand sagas pays for a few
     statements, not a thousand transactions. Joins the caller's transaction.
+    The sagas share the start's trace (tracing on: the caller's, or the
+    ``sagas start`` span's).
     Returns the runs in the order given. A bad pair refuses them all
     (:class:`StartRefused` naming ``sagas[i].saga_id`` or ``sagas[i].data``).
     """
@@ -137,10 +142,14 @@ def sagas_start(
     clean: dict[str, dict[str, Any]] = {}
     fields: dict[str, str] = {}
     order: list[str] = []
-    for i, (saga_id, data) in enumerate(sagas):
+    for i, pair in enumerate(sagas):
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise StartRefused(f"sagas[{i}]", "a (saga_id, data) pair")
+        saga_id, data = pair
         order.append(_saga_id(saga_id, f"sagas[{i}].saga_id"))
+        checked = _data(data, f"sagas[{i}].data")
         if saga_id not in clean:
-            clean[saga_id] = _data(data, f"sagas[{i}].data")
+            clean[saga_id] = checked
             fields[saga_id] = f"sagas[{i}].saga_id"
     if not clean:
         return []
@@ -177,11 +186,7 @@ def _start(
     fields = fields or {}
     now = timezone.now()
     with transaction.atomic():
-        runs = {r.saga_id: r for r in SagaRun.objects.filter(saga_id__in=list(clean))}
-        for run in runs.values():
-            if run.saga_type != saga_type:
-                field = fields.get(run.saga_id, "saga_id")
-                raise StartRefused(field, f"already used by a saga of type {run.saga_type}")
+        runs = _of_type(SagaRun.objects.filter(saga_id__in=list(clean)), saga_type, fields)
         fresh = [
             SagaRun(
                 saga_id=saga_id,
@@ -199,11 +204,12 @@ def _start(
         try:
             with transaction.atomic():
                 SagaRun.objects.bulk_create(fresh)
-        except IntegrityError:  # a concurrent start won (some of) them: one by one
-            if len(clean) == 1:
-                return {r.saga_id: r for r in SagaRun.objects.filter(saga_id__in=list(clean))}
-            for saga_id, data in clean.items():
-                runs.update(_start(definition, saga_type, {saga_id: data}, fields))
+        except IntegrityError:  # a concurrent start won (some of) them
+            if len(fresh) == 1:
+                won = SagaRun.objects.filter(saga_id=fresh[0].saga_id)
+                return {**runs, **_of_type(won, saga_type, fields)}
+            for run in fresh:  # one by one, still in sorted order
+                runs.update(_start(definition, saga_type, {run.saga_id: run.data}, fields))
             return runs
         StepRun.objects.bulk_create(
             StepRun(run=run, name=s.name, position=i, kind=s.kind)
@@ -219,6 +225,17 @@ def _start(
         telemetry_send(reports)
         runs.update({run.saga_id: run for run in fresh})
     return runs
+
+
+def _of_type(runs: Iterable[SagaRun], saga_type: str, fields: dict[str, str]) -> dict[str, SagaRun]:
+    """The runs by saga id; :class:`StartRefused` if one is of another saga type."""
+    out = {}
+    for run in runs:
+        if run.saga_type != saga_type:
+            field = fields.get(run.saga_id, "saga_id")
+            raise StartRefused(field, f"already used by a saga of type {run.saga_type}")
+        out[run.saga_id] = run
+    return out
 
 
 def _attributes(data: dict[str, Any]) -> dict[str, Any]:
@@ -268,33 +285,42 @@ def runs_advance(
     idempotency key. Runs whose claim was fenced off, which are not due, or
     which the group's time budget (``GROUP_SECONDS``) left out are skipped.
 
-    ``kept``: the caller's :data:`StepsKept` across calls (its step rows are
-    then read only for runs whose version moved). Returns the claims whose
-    runs may advance again at once (in ``claims``' order). An exception rolls
-    back the whole group; the caller then advances the runs one by one
-    (``run_advance``) to find the one at fault.
+    Runs are locked in primary-key order and advanced in ``claims``' order.
+    A run that waits or ended is handed back (its lease cleared) in the same
+    transaction. ``kept``: the caller's :data:`StepsKept` across calls (its
+    step rows are then read only for runs whose version moved). Returns the
+    claims whose runs may advance again at once, those the time budget left
+    out first (so a slow run cannot keep others out round after round). An
+    exception rolls back the whole group; the caller then advances the runs
+    one by one (``run_advance``) to find the one at fault.
     """
     if not claims:
         return []
     held = {c.pk: c for c in claims}
     kept = {} if kept is None else kept
-    again: set[int] = set()
+    again: list[Claim] = []
+    later: list[Claim] = []  # left out by the time budget: first in the next round
     done: list[Transition] = []
     try:
         with transaction.atomic(durable=True):
-            runs = [
-                run
-                for run in SagaRun.objects.select_for_update().filter(pk__in=held).order_by("pk")
+            locked = {
+                run.pk: run
+                for run in SagaRun.objects.select_for_update()
+                .filter(pk__in=held, lease_owner__in={c.owner for c in claims})
+                .order_by("pk")  # one lock order for every worker
                 if run.lease_token == held[run.pk].token and run.lease_owner == held[run.pk].owner
-            ]  # any other: fenced, the lease went to another worker
+            }  # any other: fenced, the lease went to another worker
+            runs = [locked[c.pk] for c in claims if c.pk in locked]  # in the caller's order
             steps_of = _steps(runs, kept)
+            idle: list[SagaRun] = []  # not due, paused or ended: handed back
             began = time.monotonic()
             for run in runs:
                 at = now or timezone.now()
                 if run.is_terminal or run.paused or (run.next_run_at and run.next_run_at > at):
+                    idle.append(run)
                     continue
                 if done and time.monotonic() - began > GROUP_SECONDS:
-                    again.add(run.pk)  # still due: the next group takes it
+                    later.append(held[run.pk])  # still due and still ours
                     continue
                 definition = definition_get(run.saga_type)
                 steps = steps_of[run.pk]
@@ -306,11 +332,18 @@ def runs_advance(
                     ),
                 ):
                     tel = Telemetry(run, definition.service)
-                    if _transition(run, definition, steps, tel, at) and not run.is_terminal:
-                        again.add(run.pk)
-                run.lease_until = timezone.now() + _lease()  # still working on it
+                    go_on = _transition(run, definition, steps, tel, at) and not run.is_terminal
+                if go_on:
+                    run.lease_until = timezone.now() + _lease()  # still working on it
+                    again.append(held[run.pk])
+                else:  # it waits or ended: handed back with this write
+                    run.lease_owner, run.lease_until = "", None
                 done.append(Transition(run, steps, before, tel))
             transitions_save(done)
+            if idle:
+                SagaRun.objects.filter(pk__in=[r.pk for r in idle]).update(
+                    lease_owner="", lease_until=None
+                )
             fault("after-transition-before-commit")
     except BaseException:
         for pk in held:  # changed in memory, not in the database
@@ -319,7 +352,7 @@ def runs_advance(
     for t in done:
         kept[t.run.pk] = (t.run.version, t.steps)
     fault("after-transition")
-    return [c for c in claims if c.pk in again]
+    return later + again
 
 
 def _steps(runs: list[SagaRun], kept: StepsKept) -> dict[int, list[StepRun]]:
@@ -477,8 +510,13 @@ def _call(
     """(result, None) or (None, error); the action's writes roll back when it fails.
 
     The savepoint that undoes them is taken just before the action's first
-    statement (through Django's connection), so an action that writes nothing
-    costs no round trip for it.
+    statement through Django's connection (an execute wrapper), so an action
+    that writes nothing costs no round trip for it. Writes that bypass the
+    execute wrappers (``cursor.copy()``, a raw psycopg cursor) must run inside
+    ``transaction.atomic()`` in the action, whose own SAVEPOINT passes through
+    the wrapper. A lock conflict (deadlock, serialization failure, lock not
+    available) is not the action's failure: it is raised, and the round is
+    retried (the run alone).
     """
     savepoint = _LazySavepoint()
     started = time.monotonic()
@@ -490,12 +528,25 @@ def _call(
         if elapsed > timeout:
             raise StepTimeout(f"took {elapsed:.2f} s, past its timeout of {timeout:g} s")
     except Exception as exc:  # an action's failure is data, never a crash of the worker
+        if _lock_conflict(exc):
+            raise
         if savepoint.id is not None:
+            # a failed statement of the action marked the transaction for rollback;
+            # the savepoint, taken before its first statement, undoes all of it
+            connection.needs_rollback = False
             transaction.savepoint_rollback(savepoint.id)
         return None, _error(exc, retry)
     if savepoint.id is not None:
         transaction.savepoint_commit(savepoint.id)
     return result, None
+
+
+LOCK_CONFLICTS = frozenset({"40P01", "40001", "55P03"})  # deadlock, serialization, lock n/a
+
+
+def _lock_conflict(exc: BaseException) -> bool:
+    cause = exc.__cause__ if isinstance(exc, DatabaseError) else None
+    return getattr(cause, "sqlstate", None) in LOCK_CONFLICTS
 
 
 class _LazySavepoint:
@@ -508,7 +559,10 @@ class _LazySavepoint:
     def __call__(self, execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
         if self.id is None and not self._taking:
             self._taking = True  # the SAVEPOINT statement passes through here too
-            self.id = transaction.savepoint()
+            try:
+                self.id = transaction.savepoint()
+            finally:
+                self._taking = False
         return execute(sql, params, many, context)
 
 

@@ -8,6 +8,7 @@ the lease expires, and the dead worker's claim can no longer write.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -17,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connections, transaction
+from django.db import DatabaseError, InterfaceError, connection, connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -56,10 +57,24 @@ def runs_claim(*, owner: str, limit: int, now: datetime | None = None) -> list[C
 
 
 def run_set_aside(claim: Claim, exc: BaseException) -> None:
-    """A run whose transition raised: looked at again in a minute, the error shown."""
+    """A run whose transition raised: looked at again in a minute, the error shown,
+    handed back."""
     SagaRun.objects.filter(pk=claim.pk, lease_token=claim.token).update(
         next_run_at=timezone.now() + timedelta(minutes=1),
         waiting=f"error, retried in a minute: {type(exc).__name__}: {exc}"[:300],
+        lease_owner="",
+        lease_until=None,
+    )
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """A database error that is the connection's, not a run's: the round is not to blame."""
+    if not isinstance(exc, DatabaseError):
+        return False
+    return (
+        isinstance(exc, InterfaceError)
+        or connection.connection is None
+        or not connection.is_usable()
     )
 
 
@@ -89,38 +104,43 @@ class Worker:
 
     def run_once(self, *, stop: threading.Event | None = None) -> int:
         """Claim one batch and advance its runs until each waits: one transition of
-        every due run per transaction (a group commit), round after round.
-        Returns the transitions made."""
+        every due run per transaction (a group commit), round after round. A run
+        that waits or ended is handed back in its round. Returns the runs advanced
+        (or tried)."""
         transitions = 0
-        claims = runs_claim(owner=self.owner, limit=self.batch)
-        active = claims
+        active = runs_claim(owner=self.owner, limit=self.batch)
         kept: StepsKept = {}
         try:
             while active and not (stop and stop.is_set()):
                 transitions += len(active)
                 try:
                     active = runs_advance(active, kept=kept)
-                except DatabaseError:
-                    raise
-                except Exception:  # found below, run by run
+                except Exception as exc:
+                    if _connection_lost(exc):
+                        raise
+                    log.warning("orchestrator: a round failed (%s); advancing its runs alone", exc)
                     active = self._one_by_one(active, stop)
         finally:
-            claims_release(claims)
+            # stopped, or the connection went: give back what is left (leases expire anyway)
+            with contextlib.suppress(DatabaseError):
+                claims_release(active)
         return transitions
 
     def _one_by_one(self, claims: list[Claim], stop: threading.Event | None) -> list[Claim]:
         """A group failed: advance its runs alone, so only the run at fault (an
-        undefined type, a bug) is set aside — looked at again in a minute."""
+        undefined type, a bug, a value the database refuses) is set aside —
+        looked at again in a minute."""
         again = []
         for claim in claims:
             if stop and stop.is_set():
-                break
+                again.append(claim)  # still ours: released by the caller
+                continue
             try:
                 if run_advance(claim):
                     again.append(claim)
-            except DatabaseError:
-                raise
             except Exception as exc:
+                if _connection_lost(exc):
+                    raise
                 log.exception("orchestrator: run %s failed; retried in a minute", claim.pk)
                 run_set_aside(claim, exc)
         return again

@@ -3,6 +3,7 @@ sagas start many at once; an action's savepoint is taken only when it writes."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -14,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 import outbox
-from orchestrator import RetryPolicy, Step, StepFailed, saga_define, sagas_start
+from orchestrator import RetryPolicy, Step, StepFailed, engine, saga_define, sagas_start
 from orchestrator.definitions import UnknownSagaType
 from orchestrator.engine import (
     StartRefused,
@@ -30,7 +31,7 @@ from orchestrator.worker import Worker, claims_release, runs_claim
 from outbox.models import OutboxMessage
 from tests.conftest import need
 from tests.orchestrator import sagas
-from tracking.models import Saga, TelemetryEvent
+from tracking.models import Saga, Service, TelemetryEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ONCE = RetryPolicy(max_attempts=1)
@@ -50,7 +51,47 @@ saga_define(
     service="order",
     steps=[Step("write", action=_writes_then_fails, compensation=_nothing, retry=ONCE)],
 )
+
+
+def _fails_its_first_try(ctx: Any) -> Any:
+    if ctx.attempt == 1:
+        raise ConnectionError("away for a moment")
+    return sagas.do(ctx)
+
+
+saga_define(
+    "test-flaky",
+    service="order",
+    steps=[
+        Step("create_order", action=sagas.do, retry=sagas.FAST),
+        Step("reserve_stock", action=_fails_its_first_try, retry=sagas.FAST),
+        Step("create_shipment", action=sagas.do, retry=sagas.FAST),
+    ],
+)
+
+
+def _writes_a_duplicate(ctx: Any) -> None:
+    Service.objects.create(name="dup")
+    Service.objects.create(name="dup")  # IntegrityError: the transaction needs a rollback
+
+
+def _needs_a_locked_row(ctx: Any) -> None:
+    Service.objects.select_for_update(nowait=True).get(name="locked")
+
+
+saga_define(
+    "test-dup", service="order", steps=[Step("write", action=_writes_a_duplicate, retry=ONCE)]
+)
+saga_define(
+    "test-locked", service="order", steps=[Step("lock", action=_needs_a_locked_row, retry=ONCE)]
+)
 saga_define("test-quiet", service="order", steps=[Step(n, action=_nothing) for n in ("a", "b")])
+
+
+@pytest.fixture(autouse=True)
+def _generous_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loaded machine must not make a round leave runs out (the budget has its own test)."""
+    monkeypatch.setattr(engine, "GROUP_SECONDS", 60.0)
 
 
 def _statements(ctx: CaptureQueriesContext, *words: str) -> int:
@@ -80,20 +121,61 @@ def test_one_transaction_advances_every_claimed_run(postgres: None) -> None:
     assert not SagaRun.objects.exclude(lease_owner="").exists()
 
 
-def test_a_group_gives_the_same_result_as_one_run_at_a_time(postgres: None) -> None:
-    sagas.SCRIPT["forward:reserve_stock"] = ["fail", "ok"]  # one retry on the way
-    sagas_start(saga_type="test-order", sagas=[(f"same-{i}", {"i": i}) for i in range(4)])
-    Worker(batch=4).drain()
+def test_a_round_hands_back_runs_that_wait_and_keeps_those_that_go_on(postgres: None) -> None:
+    sagas.SCRIPT["forward:create_order"] = ["fail"]  # the first saga's first try: a retry waits
+    for i in range(2):
+        saga_start(saga_type="test-order", saga_id=f"hand-{i}")
+    claims = runs_claim(owner="w", limit=2)
 
-    for i in range(4):
-        run = SagaRun.objects.get(saga_id=f"same-{i}")
-        assert run.status == "completed"
-        assert Saga.objects.get(saga_id=f"same-{i}").status == "completed"
+    again = runs_advance(claims)
+
+    waiting, going = (SagaRun.objects.get(saga_id=f"hand-{i}") for i in range(2))
+    assert [c.pk for c in again] == [going.pk]
+    assert (waiting.lease_owner, waiting.lease_until) == ("", None)  # another worker may take it
+    assert going.lease_owner == "w" and going.lease_until is not None
+
+
+def test_the_time_budget_leaves_runs_for_the_next_round_still_claimed(
+    postgres: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "GROUP_SECONDS", 0.0)  # spent after the first transition
+    for i in range(3):
+        saga_start(saga_type="test-order", saga_id=f"budget-{i}")
+    claims = runs_claim(owner="w", limit=3)
+
+    again = runs_advance(claims)
+
+    # one transition made; the two left out come first next time, then the one that goes on
+    assert again == [claims[1], claims[2], claims[0]]
+    versions = dict(SagaRun.objects.values_list("pk", "version"))
+    assert [versions[c.pk] for c in claims] == [2, 1, 1]
+    assert set(SagaRun.objects.values_list("lease_owner", flat=True)) == {"w"}
+    assert runs_advance(again)[:2] == [claims[2], claims[0]]  # and so on, in turn
+
+
+def test_a_group_ends_each_saga_as_if_it_ran_alone(postgres: None) -> None:
+    def timeline(saga_id: str) -> list[tuple[str, str]]:
+        return list(
+            TelemetryEvent.objects.filter(saga_id=saga_id)
+            .order_by("sequence")
+            .values_list("type", "step")
+        )
+
+    saga_start(saga_type="test-flaky", saga_id="alone")  # one retry on the way
+    Worker(batch=1).drain()
+    sagas_start(saga_type="test-flaky", sagas=[(f"together-{i}", {"i": i}) for i in range(3)])
+    Worker(batch=3).drain()
+
+    expected = timeline("alone")
+    assert ("step.failed", "reserve_stock") in expected and expected[-1][0] == "saga.completed"
+    for i in range(3):
+        assert timeline(f"together-{i}") == expected
+        assert Saga.objects.get(saga_id=f"together-{i}").status == "completed"
     effects = Counter(
-        m.payload["key"] if isinstance(m.payload, dict) else m.payload
+        (m.payload if isinstance(m.payload, dict) else json.loads(m.payload))["key"]
         for m in OutboxMessage.objects.filter(type="test.effect")
     )
-    assert len(effects) == 16 and set(effects.values()) == {1}
+    assert len(effects) == 12 and set(effects.values()) == {1}  # 4 sagas, 3 steps, once each
 
 
 def test_a_run_that_breaks_its_group_is_set_aside_and_the_others_finish(postgres: None) -> None:
@@ -138,9 +220,12 @@ def test_kept_steps_are_read_again_when_another_writer_moved_the_run(postgres: N
     claims = runs_claim(owner="w", limit=1)
     kept: StepsKept = {}
     runs_advance(claims, kept=kept)  # create_order done
-    runs_advance(claims, kept=kept)  # charge_payment failed once; steps kept at version 3
+    with CaptureQueriesContext(connection) as ctx:
+        runs_advance(claims, kept=kept)  # charge_payment failed once; steps kept at version 3
+    assert _statements(ctx, 'FROM "orchestrator_steprun"') == 0  # the kept ones were used
     run = SagaRun.objects.get(saga_id="kept")
     assert kept[run.pk][0] == run.version == 3
+    claims = runs_claim(owner="w", limit=1)  # the retry waited: the run was handed back
 
     # another writer (a reply, say) changes a step while the worker holds the run: like
     # every writer of step rows, through transition_save, which bumps the version
@@ -150,7 +235,9 @@ def test_kept_steps_are_read_again_when_another_writer_moved_the_run(postgres: N
         before = steps_snapshot(steps)
         steps[1].status = "skipped"
         transition_save(locked, steps, before, Telemetry(locked, "order"))
-    runs_advance(claims, kept=kept)  # must see the skip: reserve_stock next, no retry
+    with CaptureQueriesContext(connection) as ctx:
+        runs_advance(claims, kept=kept)  # must see the skip: reserve_stock next, no retry
+    assert _statements(ctx, 'FROM "orchestrator_steprun"') == 1
 
     statuses = dict(StepRun.objects.filter(run=run).values_list("name", "status"))
     assert statuses["charge_payment"] == "skipped"
@@ -184,38 +271,154 @@ def test_sagas_start_starts_many_in_one_transaction_and_is_idempotent(postgres: 
     [
         ([("fine", {}), ("", {})], "sagas[1].saga_id"),
         ([("fine", {}), ("x", [1, 2])], "sagas[1].data"),
+        ([("fine", {}), ("fine", "not an object")], "sagas[1].data"),  # a repeat is checked too
+        ([("fine", {}), ("x",)], "sagas[1]"),
         ([("fine", {}), ("other-type", {})], "sagas[1].saga_id"),
     ],
 )
 def test_sagas_start_refuses_them_all_naming_the_bad_one(
-    pairs: list[tuple[str, Any]], field: str
+    pairs: list[tuple[Any, ...]], field: str
 ) -> None:
     saga_start(saga_type="test-quiet", saga_id="other-type")
     with pytest.raises(StartRefused) as refused:
         sagas_start(saga_type="test-order", sagas=pairs)
     assert refused.value.field == field
-    assert not SagaRun.objects.filter(saga_id="fine").exists()
+    assert list(SagaRun.objects.values_list("saga_id", flat=True)) == ["other-type"]
 
 
-def test_sagas_start_racing_another_start_of_the_same_id(postgres: None) -> None:
-    need(connection.vendor == "postgresql", "two connections at once")
+def _started_elsewhere(saga_type: str, saga_id: str, until: threading.Event) -> threading.Thread:
+    """Another connection starts ``saga_id`` and commits only once ``until`` is set."""
     inserted = threading.Event()
 
     def other_starter() -> None:
         try:
             with transaction.atomic():
-                saga_start(saga_type="test-order", saga_id="race-1")
+                saga_start(saga_type=saga_type, saga_id=saga_id)
                 inserted.set()
-                time.sleep(0.5)  # the other start waits on the unique key meanwhile
+                until.wait(10)
         finally:
             connections.close_all()
 
     thread = threading.Thread(target=other_starter)
     thread.start()
     assert inserted.wait(10)
-    runs = sagas_start(saga_type="test-order", sagas=[("race-1", {}), ("race-2", {})])
-    thread.join()
+    return thread
 
+
+def _commit_when_blocked(until: threading.Event) -> threading.Thread:
+    """Set ``until`` once this test's connection waits for a lock (it met the other insert)."""
+
+    def watch() -> None:
+        try:
+            deadline = time.monotonic() + 10
+            with connections["default"].cursor() as cursor:
+                while time.monotonic() < deadline:
+                    cursor.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    )
+                    if cursor.fetchone()[0]:
+                        break
+                    time.sleep(0.01)
+        finally:
+            until.set()
+            connections.close_all()
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread
+
+
+def test_sagas_start_racing_another_start_of_the_same_id(postgres: None) -> None:
+    need(connection.vendor == "postgresql", "two connections at once")
+    until = threading.Event()
+    other = _started_elsewhere("test-order", "race-1", until)
+    watcher = _commit_when_blocked(until)
+
+    with CaptureQueriesContext(connection) as ctx:
+        runs = sagas_start(saga_type="test-order", sagas=[("race-1", {}), ("race-2", {})])
+    other.join()
+    watcher.join()
+
+    # the batch insert met the other start and fell back to one start per id
+    assert _statements(ctx, 'INSERT INTO "orchestrator_sagarun"') == 2
     assert [r.saga_id for r in runs] == ["race-1", "race-2"]
     assert SagaRun.objects.filter(saga_id__startswith="race-").count() == 2
     assert TelemetryEvent.objects.filter(type="saga.started").count() == 2  # one each
+
+
+@pytest.mark.parametrize(
+    ("start", "field"),
+    [
+        (lambda: saga_start(saga_type="test-order", saga_id="race-1"), "saga_id"),
+        (
+            lambda: sagas_start(saga_type="test-order", sagas=[("race-2", {}), ("race-1", {})]),
+            "sagas[1].saga_id",
+        ),
+    ],
+    ids=["one", "several"],
+)
+def test_a_racing_start_of_another_saga_type_is_refused(
+    postgres: None, start: Any, field: str
+) -> None:
+    need(connection.vendor == "postgresql", "two connections at once")
+    until = threading.Event()
+    other = _started_elsewhere("test-quiet", "race-1", until)
+    watcher = _commit_when_blocked(until)
+
+    with pytest.raises(StartRefused) as refused:
+        start()
+    other.join()
+    watcher.join()
+
+    assert refused.value.field == field
+    assert list(SagaRun.objects.values_list("saga_type", flat=True)) == ["test-quiet"]
+
+
+def test_an_action_whose_statement_failed_fails_its_step_and_the_round_goes_on(
+    postgres: None,
+) -> None:
+    need(connection.vendor == "postgresql", "a failed statement aborts the transaction there")
+    saga_start(saga_type="test-dup", saga_id="dup")
+    saga_start(saga_type="test-quiet", saga_id="fine")
+
+    Worker(batch=2).drain()
+
+    assert SagaRun.objects.get(saga_id="dup").status == "failed"
+    assert "IntegrityError" in str(SagaRun.objects.get(saga_id="dup").last_error)
+    assert not Service.objects.filter(name="dup").exists()  # rolled back with the step
+    assert SagaRun.objects.get(saga_id="fine").status == "completed"
+
+
+def test_a_lock_conflict_in_an_action_is_not_its_failure_and_spares_the_others(
+    postgres: None,
+) -> None:
+    need(connection.vendor == "postgresql", "two connections at once")
+    Service.objects.create(name="locked")
+    locked, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        try:
+            with transaction.atomic():
+                Service.objects.select_for_update().get(name="locked")
+                locked.set()
+                release.wait(30)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert locked.wait(10)
+    try:
+        saga_start(saga_type="test-locked", saga_id="blocked")
+        saga_start(saga_type="test-quiet", saga_id="free")
+        Worker(batch=2).drain()
+    finally:
+        release.set()
+        thread.join()
+
+    blocked = SagaRun.objects.get(saga_id="blocked")
+    assert blocked.status == "running"  # no attempt spent: set aside, tried again later
+    assert blocked.waiting.startswith("error, retried in a minute: OperationalError")
+    assert StepRun.objects.get(run=blocked).attempt == 0
+    assert SagaRun.objects.get(saga_id="free").status == "completed"

@@ -69,8 +69,9 @@ def test_a_timed_out_command_is_retried_and_the_late_reply_of_the_first_is_ignor
 
     later = charge().deadline + timedelta(seconds=1)  # no answer in time
     [claim] = runs_claim(owner="w", limit=1, now=later)
-    assert run_advance(claim, now=later) is False
-    assert run_advance(claim, now=later) is False
+    assert run_advance(claim, now=later) is False  # timed out: a retry waits; handed back
+    [claim] = runs_claim(owner="w", limit=1, now=later)
+    assert run_advance(claim, now=later) is False  # the retry's command went: its reply waits
     claim_release(claim)
 
     step = charge()

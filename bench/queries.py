@@ -816,7 +816,8 @@ def sha256_hex(text: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Schema:
-    """The seeded tables' secondary indexes and constraints (not primary keys or checks)."""
+    """The seeded tables' secondary indexes and constraints (not primary keys or checks),
+    and the foreign keys of other (empty) tables that reference them."""
 
     indexes: list[tuple[str, str, str]]  # (table, index name, CREATE INDEX ...)
     constraints: list[tuple[str, str, str, str]]  # (table, name, type u/f, definition)
@@ -831,10 +832,11 @@ class Schema:
             [tables],
         ).fetchall()
         constraints = conn.execute(
+            # theirs, and other tables' foreign keys to them (TRUNCATE refuses those)
             "SELECT conrelid::regclass::text, conname, contype::text, pg_get_constraintdef(oid) "
-            "FROM pg_constraint WHERE conrelid = ANY(%s::regclass[]) AND contype IN ('u', 'f') "
-            "ORDER BY 1, 2",
-            [tables],
+            "FROM pg_constraint WHERE (conrelid = ANY(%s::regclass[]) AND contype IN ('u', 'f')) "
+            "OR (confrelid = ANY(%s::regclass[]) AND contype = 'f') ORDER BY 1, 2",
+            [tables, tables],
         ).fetchall()
         return cls(indexes, constraints)
 

@@ -196,6 +196,7 @@ def _start(
                 created_at=now,
                 updated_at=now,
                 traceparent=telemetry.traceparent(),
+                report_seq=1,  # its saga.started event, reported below
             )
             for saga_id in sorted(set(clean) - set(runs))  # one order: no deadlock with others
         ]
@@ -218,10 +219,10 @@ def _start(
         )
         reports = []
         for run in fresh:
+            run.report_seq = 0  # the row says 1 already: the number this event takes
             tel = Telemetry(run, definition.service)
             tel.add("saga.started", now, attributes=_attributes(run.data))
             reports.append(tel)
-        rows_update(SagaRun, fresh, ["report_seq"])
         telemetry_send(reports)
         runs.update({run.saga_id: run for run in fresh})
     return runs

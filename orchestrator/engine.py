@@ -35,7 +35,8 @@ from typing import Any
 
 import msgspec
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, connection, transaction
+from django.db.models.constants import OnConflict
 from django.utils import timezone
 
 import outbox
@@ -186,8 +187,7 @@ def _start(
     fields = fields or {}
     now = timezone.now()
     with transaction.atomic():
-        runs = _of_type(SagaRun.objects.filter(saga_id__in=list(clean)), saga_type, fields)
-        fresh = [
+        candidates = [
             SagaRun(
                 saga_id=saga_id,
                 saga_type=saga_type,
@@ -198,34 +198,57 @@ def _start(
                 traceparent=telemetry.traceparent(),
                 report_seq=1,  # its saga.started event, reported below
             )
-            for saga_id in sorted(set(clean) - set(runs))  # one order: no deadlock with others
+            for saga_id in sorted(clean)  # one order: no deadlock with concurrent starts
         ]
-        if not fresh:
-            return runs
-        try:
-            with transaction.atomic():
-                SagaRun.objects.bulk_create(fresh)
-        except IntegrityError:  # a concurrent start won (some of) them
-            if len(fresh) == 1:
-                won = SagaRun.objects.filter(saga_id=fresh[0].saga_id)
-                return {**runs, **_of_type(won, saga_type, fields)}
-            for run in fresh:  # one by one, still in sorted order
-                runs.update(_start(definition, saga_type, {run.saga_id: run.data}, fields))
-            return runs
-        StepRun.objects.bulk_create(
-            StepRun(run=run, name=s.name, position=i, kind=s.kind)
-            for run in fresh
-            for i, s in enumerate(definition.steps)
+        fresh = _inserted(candidates)  # an id already started (or being started) is skipped
+        taken = [saga_id for saga_id in clean if saga_id not in {r.saga_id for r in fresh}]
+        runs = (
+            _of_type(SagaRun.objects.filter(saga_id__in=taken), saga_type, fields) if taken else {}
         )
-        reports = []
-        for run in fresh:
-            run.report_seq = 0  # the row says 1 already: the number this event takes
-            tel = Telemetry(run, definition.service)
-            tel.add("saga.started", now, attributes=_attributes(run.data))
-            reports.append(tel)
-        telemetry_send(reports)
+        if fresh:
+            StepRun.objects.bulk_create(
+                StepRun(run=run, name=s.name, position=i, kind=s.kind)
+                for run in fresh
+                for i, s in enumerate(definition.steps)
+            )
+            reports = []
+            for run in fresh:
+                run.report_seq = 0  # the row says 1 already: the number this event takes
+                tel = Telemetry(run, definition.service)
+                tel.add("saga.started", now, attributes=_attributes(run.data))
+                reports.append(tel)
+            telemetry_send(reports)
         runs.update({run.saga_id: run for run in fresh})
     return runs
+
+
+_RUN_INSERT_FIELDS = [f for f in SagaRun._meta.concrete_fields if not f.primary_key]
+
+
+def _inserted(candidates: list[SagaRun]) -> list[SagaRun]:
+    """``INSERT … ON CONFLICT DO NOTHING RETURNING id, saga_id`` (one statement, no
+    savepoint): the candidates whose saga id was free, with their primary keys.
+
+    A concurrent start of the same id makes the insert wait for it; if it
+    commits, the id is skipped here and read as an existing run.
+    """
+    meta = SagaRun._meta
+    assert meta.pk is not None
+    # bulk_create's own insert (it refuses RETURNING with ignore_conflicts)
+    returned = SagaRun.objects.all()._insert(  # type: ignore[attr-defined]
+        candidates,
+        fields=_RUN_INSERT_FIELDS,
+        returning_fields=[meta.pk, meta.get_field("saga_id")],
+        on_conflict=OnConflict.IGNORE,
+    )
+    pks = {saga_id: pk for pk, saga_id in returned or []}
+    fresh = []
+    for run in candidates:
+        if run.saga_id in pks:
+            run.pk = pks[run.saga_id]
+            run._state.adding, run._state.db = False, SagaRun.objects.db
+            fresh.append(run)
+    return fresh
 
 
 def _of_type(runs: Iterable[SagaRun], saga_type: str, fields: dict[str, str]) -> dict[str, SagaRun]:

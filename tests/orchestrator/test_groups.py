@@ -340,9 +340,10 @@ def test_sagas_start_racing_another_start_of_the_same_id(postgres: None) -> None
     other.join()
     watcher.join()
 
-    # the batch insert met the other start and fell back to one start per id
-    assert _statements(ctx, 'INSERT INTO "orchestrator_sagarun"') == 2
+    # one insert: it waited for the other start of race-1, then skipped that id
+    assert _statements(ctx, 'INSERT INTO "orchestrator_sagarun"') == 1
     assert [r.saga_id for r in runs] == ["race-1", "race-2"]
+    assert runs[0].pk == SagaRun.objects.get(saga_id="race-1").pk  # the other start's run
     assert SagaRun.objects.filter(saga_id__startswith="race-").count() == 2
     assert TelemetryEvent.objects.filter(type="saga.started").count() == 2  # one each
 

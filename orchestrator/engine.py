@@ -201,10 +201,14 @@ def _start(
             for saga_id in sorted(clean)  # one order: no deadlock with concurrent starts
         ]
         fresh = _inserted(candidates)  # an id already started (or being started) is skipped
-        taken = [saga_id for saga_id in clean if saga_id not in {r.saga_id for r in fresh}]
+        created = {r.saga_id for r in fresh}
+        taken = [saga_id for saga_id in clean if saga_id not in created]
         runs = (
             _of_type(SagaRun.objects.filter(saga_id__in=taken), saga_type, fields) if taken else {}
         )
+        missing = sorted(set(taken) - set(runs))
+        if missing:  # skipped by the insert for another reason than an existing saga id
+            raise RuntimeError(f"saga runs could not be inserted: {', '.join(missing[:5])}")
         if fresh:
             StepRun.objects.bulk_create(
                 StepRun(run=run, name=s.name, position=i, kind=s.kind)
@@ -234,14 +238,17 @@ def _inserted(candidates: list[SagaRun]) -> list[SagaRun]:
     """
     meta = SagaRun._meta
     assert meta.pk is not None
-    # bulk_create's own insert (it refuses RETURNING with ignore_conflicts)
-    returned = SagaRun.objects.all()._insert(  # type: ignore[attr-defined]
-        candidates,
-        fields=_RUN_INSERT_FIELDS,
-        returning_fields=[meta.pk, meta.get_field("saga_id")],
-        on_conflict=OnConflict.IGNORE,
-    )
-    pks = {saga_id: pk for pk, saga_id in returned or []}
+    pks: dict[str, int] = {}
+    size = max(connection.ops.bulk_batch_size(_RUN_INSERT_FIELDS, candidates), 1)
+    for at in range(0, len(candidates), size):  # SQLite caps a statement's parameters
+        # bulk_create's own insert (it refuses RETURNING with ignore_conflicts)
+        returned = SagaRun.objects.all()._insert(  # type: ignore[attr-defined]
+            candidates[at : at + size],
+            fields=_RUN_INSERT_FIELDS,
+            returning_fields=[meta.pk, meta.get_field("saga_id")],
+            on_conflict=OnConflict.IGNORE,
+        )
+        pks.update({saga_id: pk for pk, saga_id in returned or []})
     fresh = []
     for run in candidates:
         if run.saga_id in pks:
@@ -552,7 +559,7 @@ def _call(
         if elapsed > timeout:
             raise StepTimeout(f"took {elapsed:.2f} s, past its timeout of {timeout:g} s")
     except Exception as exc:  # an action's failure is data, never a crash of the worker
-        if _lock_conflict(exc):
+        if lock_conflict(exc):
             raise
         if savepoint.id is not None:
             # a failed statement of the action marked the transaction for rollback;
@@ -568,9 +575,16 @@ def _call(
 LOCK_CONFLICTS = frozenset({"40P01", "40001", "55P03"})  # deadlock, serialization, lock n/a
 
 
-def _lock_conflict(exc: BaseException) -> bool:
+SQLITE_LOCKED = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})  # "database is locked"
+
+
+def lock_conflict(exc: BaseException) -> bool:
+    """A database error that says another transaction was in the way (worth a retry)."""
     cause = exc.__cause__ if isinstance(exc, DatabaseError) else None
-    return getattr(cause, "sqlstate", None) in LOCK_CONFLICTS
+    return (
+        getattr(cause, "sqlstate", None) in LOCK_CONFLICTS
+        or getattr(cause, "sqlite_errorname", None) in SQLITE_LOCKED
+    )
 
 
 class _LazySavepoint:

@@ -8,7 +8,6 @@ the lease expires, and the dead worker's claim can no longer write.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -22,7 +21,15 @@ from django.db import DatabaseError, InterfaceError, connection, connections, tr
 from django.db.models import F, Q
 from django.utils import timezone
 
-from orchestrator.engine import Claim, StepsKept, _lease, fault, run_advance, runs_advance
+from orchestrator.engine import (
+    Claim,
+    StepsKept,
+    _lease,
+    fault,
+    lock_conflict,
+    run_advance,
+    runs_advance,
+)
 from orchestrator.models import SagaRun
 
 log = logging.getLogger(__name__)
@@ -48,20 +55,32 @@ def runs_claim(*, owner: str, limit: int, now: datetime | None = None) -> list[C
         SagaRun.objects.filter(pk__in=pks).update(
             lease_owner=owner, lease_until=now + _lease(), lease_token=F("lease_token") + 1
         )
-        claims = [
+        claims = [  # most overdue first: the order runs are advanced in
             Claim(pk, token, owner)
-            for pk, token in SagaRun.objects.filter(pk__in=pks).values_list("pk", "lease_token")
+            for pk, token in SagaRun.objects.filter(pk__in=pks)
+            .order_by("next_run_at", "pk")
+            .values_list("pk", "lease_token")
         ]
     fault("after-claim")
     return claims
 
 
-def run_set_aside(claim: Claim, exc: BaseException) -> None:
-    """A run whose transition raised: looked at again in a minute, the error shown,
-    handed back."""
+LOCK_RETRY = timedelta(seconds=1)
+
+
+def run_set_aside(
+    claim: Claim,
+    exc: BaseException,
+    *,
+    after: timedelta = timedelta(minutes=1),
+    why: str = "error",
+) -> None:
+    """A run whose transition raised: looked at again ``after`` (a minute), the error
+    shown, handed back."""
+    when = "in a minute" if after == timedelta(minutes=1) else f"in {after.total_seconds():g} s"
     SagaRun.objects.filter(pk=claim.pk, lease_token=claim.token).update(
-        next_run_at=timezone.now() + timedelta(minutes=1),
-        waiting=f"error, retried in a minute: {type(exc).__name__}: {exc}"[:300],
+        next_run_at=timezone.now() + after,
+        waiting=f"{why}, retried {when}: {type(exc).__name__}: {exc}"[:300],
         lease_owner="",
         lease_until=None,
     )
@@ -122,8 +141,10 @@ class Worker:
                     active = self._one_by_one(active, stop)
         finally:
             # stopped, or the connection went: give back what is left (leases expire anyway)
-            with contextlib.suppress(DatabaseError):
+            try:
                 claims_release(active)
+            except DatabaseError as exc:
+                log.warning("orchestrator: could not hand back %d runs: %s", len(active), exc)
         return transitions
 
     def _one_by_one(self, claims: list[Claim], stop: threading.Event | None) -> list[Claim]:
@@ -141,6 +162,10 @@ class Worker:
             except Exception as exc:
                 if _connection_lost(exc):
                     raise
+                if lock_conflict(exc):  # not the run's fault: tried again in a moment
+                    log.warning("orchestrator: run %s met a lock conflict: %s", claim.pk, exc)
+                    run_set_aside(claim, exc, after=LOCK_RETRY, why="lock conflict")
+                    continue
                 log.exception("orchestrator: run %s failed; retried in a minute", claim.pk)
                 run_set_aside(claim, exc)
         return again

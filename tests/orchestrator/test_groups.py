@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -133,6 +134,32 @@ def test_a_round_hands_back_runs_that_wait_and_keeps_those_that_go_on(postgres: 
     assert [c.pk for c in again] == [going.pk]
     assert (waiting.lease_owner, waiting.lease_until) == ("", None)  # another worker may take it
     assert going.lease_owner == "w" and going.lease_until is not None
+
+
+def test_a_run_no_longer_due_when_its_round_comes_is_handed_back(postgres: None) -> None:
+    for i in range(2):
+        saga_start(saga_type="test-order", saga_id=f"idle-{i}")
+    claims = runs_claim(owner="w", limit=2)
+    later = timezone.now() + timedelta(hours=1)
+    SagaRun.objects.filter(saga_id="idle-0").update(next_run_at=later)  # an operator, say
+
+    again = runs_advance(claims)
+
+    idle, going = (SagaRun.objects.get(saga_id=f"idle-{i}") for i in range(2))
+    assert [c.pk for c in again] == [going.pk]
+    assert (idle.lease_owner, idle.lease_until, idle.version) == ("", None, 1)  # untouched
+    assert going.version == 2 and going.lease_owner == "w"
+
+
+def test_sagas_start_inserts_in_chunks_the_database_can_take(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connection.ops, "bulk_batch_size", lambda fields, objs: 2)
+    with CaptureQueriesContext(connection) as ctx:
+        runs = sagas_start(saga_type="test-order", sagas=[(f"chunk-{i}", {}) for i in range(5)])
+    assert _statements(ctx, "INSERT", '"orchestrator_sagarun"') == 3
+    assert sorted(r.saga_id for r in runs) == [f"chunk-{i}" for i in range(5)]
+    assert all(r.pk for r in runs) and SagaRun.objects.count() == 5
 
 
 def test_the_time_budget_leaves_runs_for_the_next_round_still_claimed(
@@ -379,7 +406,6 @@ def test_a_racing_start_of_another_saga_type_is_refused(
 def test_an_action_whose_statement_failed_fails_its_step_and_the_round_goes_on(
     postgres: None,
 ) -> None:
-    need(connection.vendor == "postgresql", "a failed statement aborts the transaction there")
     saga_start(saga_type="test-dup", saga_id="dup")
     saga_start(saga_type="test-quiet", saga_id="fine")
 
@@ -420,6 +446,8 @@ def test_a_lock_conflict_in_an_action_is_not_its_failure_and_spares_the_others(
 
     blocked = SagaRun.objects.get(saga_id="blocked")
     assert blocked.status == "running"  # no attempt spent: set aside, tried again later
-    assert blocked.waiting.startswith("error, retried in a minute: OperationalError")
+    assert blocked.waiting.startswith("lock conflict, retried in 1 s: OperationalError")
+    assert blocked.next_run_at is not None
+    assert blocked.next_run_at <= timezone.now() + timedelta(seconds=1)  # soon, not in a minute
     assert StepRun.objects.get(run=blocked).attempt == 0
     assert SagaRun.objects.get(saga_id="free").status == "completed"

@@ -30,7 +30,7 @@ def test_remote_steps_complete_over_rabbitmq_and_a_duplicate_reply_changes_nothi
     need(_reachable("127.0.0.1", 5672), "needs RabbitMQ on 127.0.0.1:5672")
     # consumer threads and this one write at once: the test database on SQLite is one
     # in-memory database with table locks that fail at once ("database table is locked")
-    need(connection.vendor == "postgresql", "several threads writing at once: PostgreSQL")
+    need(connection.vendor == "postgresql", "needs PostgreSQL: several threads write at once")
     service_queue = f"test-payment-{uuid.uuid4().hex[:8]}"
     obeyed: list[str] = []
 

@@ -186,6 +186,7 @@ def _start(
     argument each saga id came in, for errors (default ``saga_id``)."""
     fields = fields or {}
     now = timezone.now()
+    trace = telemetry.traceparent()  # the start's: one for all of them
     with transaction.atomic():
         candidates = [
             SagaRun(
@@ -195,7 +196,7 @@ def _start(
                 next_run_at=now,
                 created_at=now,
                 updated_at=now,
-                traceparent=telemetry.traceparent(),
+                traceparent=trace,
                 report_seq=1,  # its saga.started event, reported below
             )
             for saga_id in sorted(clean)  # one order: no deadlock with concurrent starts

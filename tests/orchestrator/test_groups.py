@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -313,23 +314,29 @@ def test_sagas_start_refuses_them_all_naming_the_bad_one(
     assert list(SagaRun.objects.values_list("saga_id", flat=True)) == ["other-type"]
 
 
-def _started_elsewhere(saga_type: str, saga_id: str, until: threading.Event) -> threading.Thread:
-    """Another connection starts ``saga_id`` and commits only once ``until`` is set."""
-    inserted = threading.Event()
+def _held_elsewhere(work: Callable[[], object], until: threading.Event) -> threading.Thread:
+    """Another connection runs ``work`` in a transaction and commits only once
+    ``until`` is set (or after 30 s)."""
+    holding = threading.Event()
 
-    def other_starter() -> None:
+    def hold() -> None:
         try:
             with transaction.atomic():
-                saga_start(saga_type=saga_type, saga_id=saga_id)
-                inserted.set()
-                until.wait(10)
+                work()
+                holding.set()
+                until.wait(30)
         finally:
             connections.close_all()
 
-    thread = threading.Thread(target=other_starter)
+    thread = threading.Thread(target=hold)
     thread.start()
-    assert inserted.wait(10)
+    assert holding.wait(10)
     return thread
+
+
+def _started_elsewhere(saga_type: str, saga_id: str, until: threading.Event) -> threading.Thread:
+    """Another connection starts ``saga_id`` and commits only once ``until`` is set."""
+    return _held_elsewhere(lambda: saga_start(saga_type=saga_type, saga_id=saga_id), until)
 
 
 def _commit_when_blocked(until: threading.Event) -> threading.Thread:
@@ -422,20 +429,10 @@ def test_a_lock_conflict_in_an_action_is_not_its_failure_and_spares_the_others(
 ) -> None:
     need(connection.vendor == "postgresql", "two connections at once")
     Service.objects.create(name="locked")
-    locked, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        try:
-            with transaction.atomic():
-                Service.objects.select_for_update().get(name="locked")
-                locked.set()
-                release.wait(30)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    assert locked.wait(10)
+    release = threading.Event()
+    thread = _held_elsewhere(
+        lambda: Service.objects.select_for_update().get(name="locked"), release
+    )
     try:
         saga_start(saga_type="test-locked", saga_id="blocked")
         saga_start(saga_type="test-quiet", saga_id="free")

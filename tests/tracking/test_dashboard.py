@@ -251,3 +251,12 @@ def test_trace_ids_link_to_the_tracing_ui_when_a_url_template_is_set(
     settings.SAGAADMIN = {**settings.SAGAADMIN, "TRACE_URL": "http://jaeger:16686/trace/{trace_id}"}
     html = viewer.get("/sagas/traced").content.decode()
     assert f'<a href="http://jaeger:16686/trace/{trace}" target="_blank"' in html
+
+
+def test_the_login_page_names_this_databases_password_file(db, tmp_path, settings) -> None:
+    from sagaadmin.admin_password import admin_password_shown
+
+    settings.VAR_DIR = tmp_path
+    body = Client().get("/login/").content.decode()
+    assert admin_password_shown() in body
+    assert str(tmp_path) in body  # the file of this settings' var/, not a fixed name

@@ -69,10 +69,55 @@ def test_ensure_admin_creates_once_and_prints_the_login(db, tmp_path, settings) 
     first, second = io.StringIO(), io.StringIO()
     call_command("ensure_admin", stdout=first)
     call_command("ensure_admin", stdout=second)
-    password = (tmp_path / "admin-password.txt").read_text().strip()
+    from sagaadmin.admin_password import admin_password_path
+
+    password = admin_password_path().read_text().strip()
+    assert admin_password_path().parent == tmp_path
     assert "Created user 'admin'" in first.getvalue()
     assert f"admin / {password}" in second.getvalue()
     assert "Created" not in second.getvalue()
     from django.contrib.auth import authenticate
 
     assert authenticate(username="admin", password=password) is not None
+
+
+def test_ensure_admin_keeps_one_password_file_per_database(db, tmp_path, settings) -> None:
+    """Two databases run from one checkout: each prints its own admin password."""
+    from sagaadmin.admin_password import admin_password_path
+
+    settings.VAR_DIR = tmp_path
+    default = dict(settings.DATABASES["default"])
+    try:
+        settings.DATABASES["default"] = {
+            **default,
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(tmp_path / "sagaadmin.sqlite3"),
+        }
+        embedded = admin_password_path()
+        settings.DATABASES["default"] = {**default, "ENGINE": "x.postgresql", "NAME": "other"}
+        other = admin_password_path()
+    finally:
+        settings.DATABASES["default"] = default
+    assert embedded == tmp_path / "admin-password.txt"
+    assert other.parent == tmp_path and other != embedded and "other" in other.name
+
+
+def test_ensure_admin_never_prints_a_password_that_does_not_log_in(db, tmp_path, settings) -> None:
+    from django.contrib.auth import get_user_model
+
+    from sagaadmin.admin_password import admin_password_path
+
+    settings.VAR_DIR = tmp_path
+    call_command("ensure_admin", stdout=io.StringIO())
+    admin_password_path().write_text("someone-elses-password\n")  # another database's file
+    out = io.StringIO()
+    call_command("ensure_admin", stdout=out)
+    assert "someone-elses-password" not in out.getvalue()
+    assert "changepassword admin" in out.getvalue()
+    user = get_user_model().objects.get(username="admin")
+    user.set_password("new-one-123")
+    user.save()
+    admin_password_path().write_text("new-one-123\n")
+    out = io.StringIO()
+    call_command("ensure_admin", stdout=out)
+    assert "admin / new-one-123" in out.getvalue()

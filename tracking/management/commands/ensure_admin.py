@@ -1,10 +1,12 @@
 import secrets
-from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
+from django.db import connection
+
+from sagaadmin.admin_password import admin_password_path
 
 
 class Command(BaseCommand):
@@ -15,13 +17,25 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, username: str, **options: Any) -> None:
         user_model = get_user_model()
-        path = Path(settings.VAR_DIR) / "admin-password.txt"
-        if not user_model.objects.filter(username=username).exists():
+        path = admin_password_path()
+        user = user_model.objects.filter(username=username).first()
+        if user is None:
             password = secrets.token_urlsafe(12)
             user_model.objects.create_superuser(username=username, email="", password=password)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(password + "\n")
             path.chmod(0o600)
             self.stdout.write(f"Created user '{username}'.")
-        password = path.read_text().strip() if path.exists() else "(set earlier; unchanged)"
-        self.stdout.write(f"Log in as  {username} / {password}")
+            self.stdout.write(f"Log in as  {username} / {password}")
+            return
+        kept = path.read_text().strip() if path.exists() else ""
+        if kept and user.check_password(kept):
+            self.stdout.write(f"Log in as  {username} / {kept}")
+            return
+        # Never reset a password behind the operator's back: say how to set one.
+        where = f"{connection.vendor} database {settings.DATABASES['default'].get('NAME')}"
+        self.stdout.write(
+            f"Log in as  {username} / (the password set for this {where}; it was changed "
+            f"or never kept in {path}: `.venv/bin/python manage.py changepassword "
+            f"{username}` sets a new one)"
+        )

@@ -6,6 +6,7 @@ urlpatterns = [
     path("", views.overview_page, name="overview"),
     path("sagas/", views.saga_list_page, name="saga-list"),
     path("live/saga-rows", views.saga_rows_fragment, name="saga-rows"),
+    path("live/saga-news", views.saga_news_view, name="saga-news"),
     re_path(r"^sagas/(?P<saga_id>.+)$", views.saga_detail_page, name="saga-detail"),
     re_path(
         r"^actions/(?P<action>[a-z_]{1,32})/(?P<saga_id>.+)$",

@@ -226,6 +226,32 @@ def saga_rows_fragment(request: HttpRequest) -> HttpResponse:
     )
 
 
+@require_GET
+@viewer_required
+def saga_news_view(request: HttpRequest) -> HttpResponse:
+    """Which of the changed sagas ``id`` (not on the open list page) the first page of this
+    filter and sort shows now: the list's "N newer sagas" banner counts only those, so a
+    change to a saga the filter excludes, or to an old saga that stays off the first
+    page, never promises something "show the latest" would not show."""
+    ids = {i for i in request.GET.getlist("id") if i}
+    query = request.GET.copy()
+    query.pop("id", None)
+    try:
+        page = saga_list(
+            filters=SagaFilter.from_params(_filter_params(query)),
+            sort=query.get("sort", "-started_at"),
+            fields=("saga_id",),
+        )
+    except InvalidFilter as exc:
+        return HttpResponse(
+            json.dumps({"ids": [], "error": {"field": exc.field, "message": exc.message}}),
+            status=400,
+            content_type="application/json",
+        )
+    news = [s.saga_id for s in page.sagas if s.saga_id in ids]
+    return HttpResponse(json.dumps({"ids": news}), content_type="application/json")
+
+
 # The detail page shows this many events, all of them with ?events=all.
 EVENTS_FIRST = 50
 # ... and this many of the saga's incidents, the rest on the incidents page.

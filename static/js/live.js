@@ -1,6 +1,7 @@
 // Live updates: one websocket per page; deltas are {saga_id, version}.
 // The list refreshes rows it shows when their version grew (one fetch per burst)
-// and counts sagas it does not show; the detail page refetches its body.
+// and counts the changed sagas it does not show that the first page of its filter
+// shows (asked of the server); the detail page refetches its body.
 (function () {
   "use strict";
   const status = () => document.getElementById("live-status");
@@ -9,8 +10,10 @@
     if (el) { el.textContent = text; el.classList.toggle("on", ok); }
   }
   let pending = new Set();
-  let unseen = 0;
+  let candidates = new Set();  // changed sagas the list does not show: do they match its filter?
+  let news = new Set();  // ... those the first page of the filter shows now
   let timer = null;
+  let newsTimer = null;
 
   function shownVersion(sagaId) {
     const live = document.getElementById("saga-live");
@@ -27,7 +30,7 @@
     for (const d of deltas) {
       const shown = shownVersion(d.saga_id);
       if (shown === null) {
-        if (document.getElementById("saga-rows")) unseen += 1;
+        if (document.getElementById("saga-rows") && !news.has(d.saga_id)) candidates.add(d.saga_id);
         continue;
       }
       if (d.version <= shown.version) continue;  // stale or already applied
@@ -37,18 +40,59 @@
         pending.add(d.saga_id);
       }
     }
-    const banner = document.getElementById("new-sagas");
-    if (banner && unseen > 0) {
-      banner.hidden = false;
-      const link = banner.querySelector("a");
-      link.textContent = `${unseen} saga update${unseen > 1 ? "s" : ""} not on this page — show the latest`;
-      // the first page of the filter in the address bar (filters change it without a reload)
-      const url = new URL(location.href);
-      url.searchParams.delete("cursor");
-      link.href = url.pathname + url.search;
-    }
     if (pending.size && !timer) timer = setTimeout(refreshRows, 150);
+    if (candidates.size && !newsTimer) newsTimer = setTimeout(checkNews, 1000);
   }
+
+  // The filter in the address bar, first page (filters change it without a reload).
+  function firstPage() {
+    const url = new URL(location.href);
+    url.searchParams.delete("cursor");
+    return url;
+  }
+
+  // Ask the server which changed sagas the first page of this filter shows (at most one
+  // request a second): the banner promises only what "show them" will show.
+  async function checkNews() {
+    const ids = Array.from(candidates).slice(-100);
+    candidates = new Set();
+    const asked = location.search;
+    const params = firstPage().searchParams;
+    ids.forEach((id) => params.append("id", id));
+    try {
+      const response = await fetch(`/live/saga-news?${params}`, { headers: { "HX-Request": "true" } });
+      if (response.ok && location.search === asked) {
+        for (const id of (await response.json()).ids) {
+          if (!document.querySelector(`tr[data-saga-id="${CSS.escape(id)}"]`)) news.add(id);
+        }
+        showNews();
+      }
+    } finally {
+      newsTimer = candidates.size ? setTimeout(checkNews, 1000) : null;
+    }
+  }
+
+  function showNews() {
+    const banner = document.getElementById("new-sagas");
+    if (!banner) return;
+    banner.hidden = news.size === 0;
+    const link = banner.querySelector("a");
+    const n = news.size;
+    link.textContent = `${n} newer saga${n > 1 ? "s" : ""} match${n > 1 ? "" : "es"} this filter — show ${n > 1 ? "them" : "it"}`;
+    const url = firstPage();
+    link.href = url.pathname + url.search;
+  }
+
+  // Another filter or page (htmx swapped the table, or Back restored one): start counting again.
+  function forgetNews() {
+    candidates = new Set();
+    news = new Set();
+    showNews();
+  }
+  document.addEventListener("htmx:afterSwap", (event) => {
+    if (event.detail.target && event.detail.target.id === "saga-table") forgetNews();
+  });
+  document.addEventListener("htmx:historyRestore", forgetNews);
 
   async function refreshRows() {
     timer = null;

@@ -480,7 +480,7 @@ def test_a_several_status_filter_from_a_link_survives_changing_another_filter(
     expect(_rows(page)).to_have_count(2)
 
 
-def test_a_saga_not_on_the_page_shows_a_banner_to_the_current_filter(page_for, e2e) -> None:
+def test_the_banner_counts_only_changed_sagas_the_filter_would_show(page_for, e2e) -> None:
     # given a viewer who filtered the list to compensated sagas, without a reload
     keys = _sagas(e2e)
     user_create("viewer", "vera")
@@ -491,20 +491,77 @@ def test_a_saga_not_on_the_page_shows_a_banner_to_the_current_filter(page_for, e
     expect(_rows(page)).to_have_count(1)
     banner = page.locator("#new-sagas")
     expect(banner).to_be_hidden()
-    # when a saga that is not listed changes
+    # when a saga the filter excludes starts (running), and one already shown changes
     e2e.post_events(
         keys["payment"],
         [
             {"id": "n1", "saga_id": "order-2000", "type": "saga.started", "saga_type": "order"}
-            | {"occurred_at": ago(0)}
+            | {"occurred_at": ago(0)},
         ],
     )
-    # then a banner says so, and its link leads to the first page of the current filter
-    expect(banner).to_be_visible(timeout=1000)
-    expect(banner).to_contain_text("1 saga update not on this page")
+    # then no banner: "show them" would show nothing new (the server was asked)
+    page.wait_for_timeout(2500)
+    expect(banner).to_be_hidden()
+    # when a saga that the filter matches arrives
+    e2e.post_events(
+        keys["payment"],
+        [
+            {"id": "n2", "saga_id": "order-2001", "type": "saga.started", "saga_type": "order"}
+            | {"occurred_at": ago(1)},
+            {"id": "n3", "saga_id": "order-2001", "type": "saga.compensated"}
+            | {"occurred_at": ago(0)},
+        ],
+    )
+    # then the banner counts it, and its link leads to the first page of the current filter
+    expect(banner).to_be_visible(timeout=3000)
+    expect(banner).to_have_text("1 newer saga matches this filter — show it")
     banner.get_by_role("link").click()
     expect(page).to_have_url(re.compile(r"status=compensated"))
+    expect(_rows(page)).to_have_count(2)
+    expect(banner).to_be_hidden()
+
+
+def test_back_and_forward_keep_the_filter_controls_in_step_with_the_url(page_for, e2e) -> None:
+    # given a viewer on the saga list
+    _sagas(e2e)
+    user_create("viewer", "vera")
+    page = page_for()
+    login(page, "vera", "/sagas/")
+    expect(_rows(page)).to_have_count(3)
+    # when they pick a status, then type a saga id prefix and press Enter
+    page.get_by_label("Status").select_option("compensated")
     expect(_rows(page)).to_have_count(1)
+    length = page.evaluate("history.length")
+    page.get_by_label("Saga id").fill("order-100")
+    page.get_by_label("Saga id").press("Enter")
+    expect(page).to_have_url(re.compile(r"saga_id=order-100"))
+    # then Enter made one history entry, not two (change and submit)
+    page.wait_for_timeout(300)
+    assert page.evaluate("history.length") == length + 1
+    # and pressing Filter with nothing changed makes none
+    page.get_by_role("button", name="Filter").click()
+    page.wait_for_timeout(300)
+    assert page.evaluate("history.length") == length + 1
+    # when they go back once
+    page.go_back()
+    # then the controls show the filter of the address bar: the status, no saga id
+    expect(page).to_have_url(re.compile(r"status=compensated"))
+    expect(page).not_to_have_url(re.compile(r"saga_id=order"))
+    expect(page.get_by_label("Status")).to_have_value("compensated")
+    expect(page.get_by_label("Saga id")).to_have_value("")
+    # when they go back again, and change another filter
+    page.go_back()
+    expect(page).to_have_url(re.compile(r"/sagas/$"))
+    expect(page.get_by_label("Status")).to_have_value("")
+    page.get_by_label("Status").select_option("running")
+    # then the new filter holds only what the controls show (nothing stale kept or lost)
+    expect(page).to_have_url(re.compile(r"status=running"))
+    assert "saga_id=order" not in page.url, page.url
+    expect(_rows(page)).to_have_count(1)
+    # and forward shows the controls of that entry again
+    page.go_back()
+    page.go_forward()
+    expect(page.get_by_label("Status")).to_have_value("running")
 
 
 def test_an_operator_requeues_a_dead_outbox_message_from_the_page(page_for, e2e) -> None:

@@ -260,3 +260,37 @@ def test_the_login_page_names_this_databases_password_file(db, tmp_path, setting
     body = Client().get("/login/").content.decode()
     assert admin_password_shown() in body
     assert str(tmp_path) in body  # the file of this settings' var/, not a fixed name
+
+
+def test_saga_news_names_only_changed_sagas_on_the_first_page_of_the_filter(
+    api, make_event, user_client
+) -> None:
+    """The list's banner asks which changed sagas it does not show that "show them" would."""
+    # 52 compensated sagas (one more than a page), one running, started in id order
+    events = []
+    for i in range(52):
+        saga = f"comp-{i:03d}"
+        events.append(make_event("saga.started", saga_id=saga))
+        events.append(make_event("saga.compensated", saga_id=saga))
+    events.append(make_event("saga.started", saga_id="run-1"))
+    assert all(r["status"] == "accepted" for r in api.batch(events).json()["results"])
+    asked = ["comp-051", "comp-000", "run-1", "no-such-saga"]
+    query = "&".join(f"id={i}" for i in asked)
+    # newest first: comp-051 is on the first page, comp-000 (the oldest) is not;
+    # run-1 is excluded by the filter
+    response = user_client.get(f"/live/saga-news?status=compensated&{query}")
+    assert response.status_code == 200
+    assert response.json() == {"ids": ["comp-051"]}
+    # oldest first, the other way round; with no filter, run-1 counts too
+    response = user_client.get(f"/live/saga-news?status=compensated&sort=started_at&{query}")
+    assert response.json() == {"ids": ["comp-000"]}
+    response = user_client.get(f"/live/saga-news?{query}")
+    assert set(response.json()["ids"]) == {"run-1", "comp-051"}
+    # a bad filter says which field
+    response = user_client.get("/live/saga-news?attr=nonsense&id=run-1")
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "attr"
+
+
+def test_saga_news_needs_a_role(role_client) -> None:
+    assert role_client(None).get("/live/saga-news?id=x").status_code == 403

@@ -157,6 +157,8 @@ def split_body(body: bytes, *, max_events: int) -> list[msgspec.Raw]:
         ) from exc
     except (msgspec.DecodeError, RecursionError) as exc:
         raise RequestMalformed(f"The body is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise RequestMalformed(f"The body is not valid UTF-8 JSON: {exc}") from exc
     if "events" not in top:
         return [msgspec.Raw(body)]
     if len(top) != 1:
@@ -164,7 +166,7 @@ def split_body(body: bytes, *, max_events: int) -> list[msgspec.Raw]:
         raise RequestMalformed(f"A batch has only the field 'events'; unexpected: {extra}.")
     try:
         raws = msgspec.json.decode(top["events"], type=list[msgspec.Raw])
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RequestMalformed("'events' must be a JSON array of event objects.") from exc
     if len(raws) > max_events:
         raise TooManyEvents(f"The batch has {len(raws)} events; at most {max_events} are allowed.")
@@ -175,7 +177,7 @@ def decode_event(raw: msgspec.Raw | bytes) -> EventV1:
     """Decode and upcast one event; raise :class:`EventRejected` naming the field."""
     try:
         peek = msgspec.json.decode(raw, type=_Peek)
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         peek = _Peek()
     try:
         return _decode(raw, peek.version)
@@ -193,6 +195,7 @@ def event_from_dict(data: dict[str, Any]) -> EventV1:
         rejected = _field_error(exc)
         rejected.event_id = data.get("id") if isinstance(data.get("id"), str) else None
         raise rejected from exc
+    _check_no_nul(event)
     _check_rules(event)
     return event
 
@@ -217,15 +220,62 @@ def _decode(raw: msgspec.Raw | bytes, version: int) -> EventV1:
         raise EventRejected("event", f"not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise EventRejected("payload", "nested too deeply to decode") from exc
+    except UnicodeDecodeError as exc:
+        raise EventRejected("event", f"not valid UTF-8: {exc}") from exc
+    if b"\\u0000" in memoryview(raw).tobytes():  # JSON writes NUL as \u0000: rare, then look
+        _check_no_nul(event)
     _check_rules(event)
     return event
 
 
+# Times outside these bounds are refused: a clock that far off is a bug, not skew, and
+# arithmetic near datetime's limits (UTC conversion, tie-breaking by a microsecond) fails.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def _check_time(field: str, value: datetime) -> None:
+    if value.tzinfo is None:
+        raise EventRejected(field, "must be RFC 3339 with a UTC offset (e.g. 'Z')")
+    try:
+        in_range = EARLIEST <= value < LATEST
+    except OverflowError:  # its UTC offset takes it past datetime's range
+        in_range = False
+    if not in_range:
+        raise EventRejected(field, "must lie between 1970-01-01T00:00:00Z and 9999-01-01T00:00:00Z")
+
+
+def _nul_at(value: Any, path: str) -> str | None:
+    """The path of the first string (value or key) holding a NUL character."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and "\x00" in key:
+                return f"{path}.{key.replace(chr(0), '')}"
+            if found := _nul_at(item, f"{path}.{key}"):
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if found := _nul_at(item, f"{path}[{i}]"):
+                return found
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            if found := _nul_at(getattr(value, name), f"{path}.{name}" if path else name):
+                return found
+    return None
+
+
+def _check_no_nul(event: EventV1) -> None:
+    """PostgreSQL stores no NUL character in text or JSON: refuse it, naming the field."""
+    if path := _nul_at(event, ""):
+        raise EventRejected(path, "contains a NUL character (\\u0000), which cannot be stored")
+
+
 def _check_rules(event: EventV1) -> None:
-    if event.occurred_at.tzinfo is None:
-        raise EventRejected("occurred_at", "must be RFC 3339 with a UTC offset (e.g. 'Z')")
-    if event.deadline is not None and event.deadline.tzinfo is None:
-        raise EventRejected("deadline", "must be RFC 3339 with a UTC offset (e.g. 'Z')")
+    _check_time("occurred_at", event.occurred_at)
+    if event.deadline is not None:
+        _check_time("deadline", event.deadline)
     kind = event.type.partition(".")[0]
     if event.type == "saga.started" and not event.saga_type:
         raise EventRejected("saga_type", "is required on saga.started")

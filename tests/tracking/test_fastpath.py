@@ -374,3 +374,81 @@ def test_resent_events_in_a_pipelined_flush_are_duplicates_and_change_nothing(
     assert after == {"fp-a": versions["fp-a"] + 1, "fp-b": versions["fp-b"], "fp-c": 1}
     assert Saga.objects.get(saga_id="fp-a").current_step == "charge"
     assert TelemetryEvent.objects.count() == 4
+
+
+def test_a_request_that_breaks_its_group_fails_alone(endpoint, monkeypatch) -> None:
+    """An unexpected error in a group commit (a bug, a value the database refuses) costs
+    only the request that caused it: the group is stored again one request at a time."""
+    from tracking.api import fastpath
+
+    key = service_key_create(service_name="payment").secret
+    real = fastpath.events_ingest
+
+    def ingest(*, service: Any, raws: Any) -> Any:
+        if any(b"poison" in bytes(raw) for raw in raws):
+            raise ValueError("a value the database refuses")
+        return real(service=service, raws=raws)
+
+    monkeypatch.setattr(fastpath, "events_ingest", ingest)
+    sizes: list[int] = []
+    original = endpoint.batcher.flush
+    flush_replace(endpoint, lambda batch: (sizes.append(len(batch)), original(batch))[1])
+
+    async def main() -> list[tuple[int, dict[str, str], Any]]:
+        requests = [call(endpoint, event(i, saga=f"ok-{i}"), key=key) for i in range(12)]
+        requests.insert(5, call(endpoint, event(99, saga="poison"), key=key))
+        return await asyncio.gather(*requests)
+
+    answers = asyncio.run(main())
+    assert max(sizes) > 1  # the poison shared a flush with others
+    statuses = [status for status, _, _ in answers]
+    assert statuses.pop(5) == 500
+    assert statuses == [200] * 12
+    assert TelemetryEvent.objects.filter(saga_id__startswith="ok-").count() == 12
+    assert not TelemetryEvent.objects.filter(saga_id="poison").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"occurred_at": "9999-12-31T23:59:59-23:59"}, "occurred_at"),
+        ({"occurred_at": "0001-01-01T00:00:00+01:00"}, "occurred_at"),
+        ({"occurred_at": "1969-12-31T23:59:59Z"}, "occurred_at"),
+        ({"deadline": "9999-12-31T23:59:59.999999Z"}, "deadline"),
+        ({"attributes": {"k": "v\u0000"}}, "attributes.k"),
+        ({"payload": {"a": [1, {"b\u0000": 2}]}}, "payload.a[1].b"),
+        ({"saga_id": "s\u0000"}, "saga_id"),
+    ],
+)
+def test_values_the_database_cannot_hold_are_rejected_naming_the_field(
+    endpoint, extra, field
+) -> None:
+    key = service_key_create(service_name="payment").secret
+    events = [event(1, saga="fine"), event(2, saga="bad", **extra), event(3, saga="fine")]
+    status, _, answer = asyncio.run(call(endpoint, {"events": events}, key=key))
+    assert status == 200
+    assert [r["status"] for r in answer["results"]] == ["accepted", "rejected", "accepted"]
+    assert answer["results"][1]["errors"][0]["field"] == field
+    assert TelemetryEvent.objects.filter(saga_id="fine").count() == 2
+
+
+def test_invalid_utf8_is_a_malformed_body_or_a_rejected_event(endpoint) -> None:
+    key = service_key_create(service_name="payment").secret
+    status, head, answer = asyncio.run(call(endpoint, b'{"zz\xff": 1}', key=key))
+    assert status == 400 and head["content-type"] == "application/problem+json"
+    assert "UTF-8" in answer["detail"]
+    good = json.dumps(event(1, saga="fine")).encode()
+    body = b'{"events": [' + good + b', {"id": "x", "saga_id": "\xc3\x28"}]}'
+    status, _, answer = asyncio.run(call(endpoint, body, key=key))
+    assert status == 200
+    assert [r["status"] for r in answer["results"]] == ["accepted", "rejected"]
+    assert answer["results"][1]["errors"][0]["field"] == "event"
+
+
+def test_a_literal_backslash_u0000_is_an_ordinary_string(endpoint) -> None:
+    key = service_key_create(service_name="payment").secret
+    status, _, answer = asyncio.run(
+        call(endpoint, event(1, saga="fine", payload={"a": "\\u0000"}), key=key)
+    )
+    assert status == 200 and answer["results"][0]["status"] == "accepted"
+    assert TelemetryEvent.objects.get(saga_id="fine").payload == {"a": "\\u0000"}

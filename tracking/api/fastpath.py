@@ -173,34 +173,62 @@ class IngestBatcher:
             self.draining = False
 
     def flush(self, batch: list[_Job]) -> None:
-        """Store a batch: one transaction per service; settle every job's future."""
+        """Store a batch: one transaction per service; settle every job's future.
+
+        If a group of several requests fails for another reason than the database being
+        away (a bug, a value the database refuses), its requests are stored again one
+        at a time, so only the request that caused it fails: one client's bad report
+        never costs another client its answer.
+        """
         assert self.loop is not None  # set by submit(), which queued these jobs
         by_service: dict[int, list[_Job]] = defaultdict(list)
         for job in batch:
             by_service[job.service.pk].append(job)
         for jobs in by_service.values():
-            raws = [raw for job in jobs for raw in job.raws]
             try:
-                close_old_connections()
-                with (
-                    live.pushes_on(self.loop),
-                    # a group of single events: statements and COMMIT in fewer round trips
-                    pipelined_transaction(rows=len(raws)),
-                ):
-                    result = events_ingest(service=jobs[0].service, raws=raws)
+                answers = self._store(jobs)
             except BaseException as exc:
-                if isinstance(exc, DB_UNAVAILABLE):
-                    connection.close()
-                _settle([(job.future, exc) for job in jobs])
-                continue
-            offset = 0
-            answers: list[tuple[asyncio.Future[IngestResult], Any]] = []
-            for job in jobs:
-                mine = result.results[offset : offset + len(job.raws)]
-                results = [replace(r, index=r.index - offset) for r in mine]
-                answers.append((job.future, IngestResult(results, result.sagas_changed)))
-                offset += len(job.raws)
+                if isinstance(exc, DB_UNAVAILABLE) or len(jobs) == 1:
+                    _settle([(job.future, exc) for job in jobs])
+                    continue
+                log.warning(
+                    "a group of %d ingest requests failed (%s: %s); storing them one by one",
+                    len(jobs),
+                    type(exc).__name__,
+                    exc,
+                )
+                answers = []
+                for job in jobs:
+                    try:
+                        answers += self._store([job])
+                    except BaseException as alone:
+                        answers.append((job.future, alone))
             _settle(answers)
+
+    def _store(self, jobs: list[_Job]) -> list[tuple[asyncio.Future[IngestResult], Any]]:
+        """One transaction for these requests (of one service); each request's answer."""
+        assert self.loop is not None
+        raws = [raw for job in jobs for raw in job.raws]
+        try:
+            close_old_connections()
+            with (
+                live.pushes_on(self.loop),
+                # a group of single events: statements and COMMIT in fewer round trips
+                pipelined_transaction(rows=len(raws)),
+            ):
+                result = events_ingest(service=jobs[0].service, raws=raws)
+        except BaseException as exc:
+            if isinstance(exc, DB_UNAVAILABLE):
+                connection.close()
+            raise
+        offset = 0
+        answers: list[tuple[asyncio.Future[IngestResult], Any]] = []
+        for job in jobs:
+            mine = result.results[offset : offset + len(job.raws)]
+            results = [replace(r, index=r.index - offset) for r in mine]
+            answers.append((job.future, IngestResult(results, result.sagas_changed)))
+            offset += len(job.raws)
+        return answers
 
 
 def _settle(answers: list[tuple[asyncio.Future[IngestResult], Any]]) -> None:

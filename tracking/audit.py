@@ -17,10 +17,15 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db.models import Q, QuerySet
 from django.http import StreamingHttpResponse
-from django.utils.dateparse import parse_datetime
 
 from tracking.models import AuditEntry
-from tracking.selectors import MAX_PAGE, InvalidFilter, decode_cursor, encode_cursor
+from tracking.selectors import (
+    MAX_PAGE,
+    InvalidFilter,
+    decode_cursor,
+    encode_cursor,
+    filter_time,
+)
 
 EXPORT_BATCH = 500
 EXPORTS = {"csv": "text/csv; charset=utf-8", "jsonl": "application/jsonl; charset=utf-8"}
@@ -68,24 +73,9 @@ class AuditFilter:
             action=(params.get("action") or "").strip(),
             saga_id=(params.get("saga_id") or "").strip(),
             outcome=(params.get("outcome") or "").strip(),
-            since=_time(params, "since"),
-            until=_time(params, "until"),
+            since=filter_time(params, "since"),
+            until=filter_time(params, "until"),
         )
-
-
-def _time(params: Any, name: str) -> datetime | None:
-    raw = params.get(name)
-    if not raw:
-        return None
-    try:
-        value = parse_datetime(raw)
-    except ValueError:
-        value = None
-    if value is None or value.tzinfo is None:
-        raise InvalidFilter(
-            name, "expected an RFC 3339 time with offset, e.g. 2026-01-01T00:00:00Z"
-        )
-    return value
 
 
 def audit_queryset(*, filters: AuditFilter) -> QuerySet[AuditEntry]:

@@ -40,7 +40,7 @@ class Preview:
 
 def bulk_preview(*, filters: dict[str, str]) -> Preview:
     """How many sagas the filter matches now, and a few of them. Raises InvalidFilter."""
-    qs = saga_queryset(filters=SagaFilter.from_params(filters))
+    qs = saga_queryset(filters=SagaFilter.strict(filters))
     return Preview(
         count=qs.count(),
         sample=list(qs.order_by("-started_at", "-id").values_list("saga_id", flat=True)[:SAMPLE]),
@@ -72,7 +72,7 @@ def bulk_start(
         raise ActionError(400, "reason", f"say why (1 to {REASON_MAX} characters)")
     most = settings.SAGAADMIN["BULK_MAX_SAGAS"]
     ids = list(
-        saga_queryset(filters=SagaFilter.from_params(filters))
+        saga_queryset(filters=SagaFilter.strict(filters))
         .order_by("-started_at", "-id")
         .values_list("saga_id", flat=True)[: most + 1]
     )

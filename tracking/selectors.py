@@ -24,6 +24,7 @@ from tracking.models import (
     TelemetryEvent,
 )
 from tracking.projection import FoldEvent, order_events
+from tracking.protocol import EARLIEST, LATEST
 
 SORTS = {
     "-started_at": ("started_at", True),
@@ -53,6 +54,23 @@ class SagaFilter:
     started_before: datetime | None = None
     attributes: tuple[tuple[str, str], ...] = ()
 
+    # the filter's own parameters (``attr.<key>`` besides)
+    PARAMS = frozenset(
+        ("type", "status", "service", "step", "flag", "saga_id", "started_after", "started_before")
+    )
+
+    @classmethod
+    def strict(cls, params: Any) -> SagaFilter:
+        """:meth:`from_params` that also refuses a parameter it does not know: where a
+        misspelt filter would widen what an action touches (bulk actions)."""
+        for name in params:
+            if name not in cls.PARAMS and not name.startswith("attr."):
+                raise InvalidFilter(
+                    name,
+                    "not a filter; filters are " + ", ".join(sorted(cls.PARAMS)) + ", attr.<key>",
+                )
+        return cls.from_params(params)
+
     @classmethod
     def from_params(cls, params: Any) -> SagaFilter:
         """Build from query parameters, naming the parameter that is wrong."""
@@ -75,13 +93,15 @@ class SagaFilter:
             step=params.get("step", ""),
             flag=params.get("flag", ""),
             saga_id_prefix=params.get("saga_id", ""),
-            started_after=_time(params, "started_after"),
-            started_before=_time(params, "started_before"),
+            started_after=filter_time(params, "started_after"),
+            started_before=filter_time(params, "started_before"),
             attributes=attrs,
         )
 
 
-def _time(params: Any, name: str) -> datetime | None:
+def filter_time(params: Any, name: str) -> datetime | None:
+    """An RFC 3339 time with offset from query parameters, in the range events may have
+    (``tracking.protocol.EARLIEST`` … ``LATEST``), or :class:`InvalidFilter` naming it."""
     raw = params.get(name)
     if not raw:
         return None
@@ -93,7 +113,16 @@ def _time(params: Any, name: str) -> datetime | None:
         raise InvalidFilter(
             name, "expected an RFC 3339 time with offset, e.g. 2026-01-01T00:00:00Z"
         )
+    if not _in_range(value):
+        raise InvalidFilter(name, "must lie between 1970-01-01T00:00:00Z and 9999-01-01T00:00:00Z")
     return value
+
+
+def _in_range(value: datetime) -> bool:
+    try:
+        return EARLIEST <= value <= LATEST
+    except OverflowError:  # its UTC offset takes it past datetime's range
+        return False
 
 
 def saga_queryset(*, filters: SagaFilter) -> QuerySet[Saga]:
@@ -154,7 +183,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         value, pk = json.loads(raw)
         when = parse_datetime(value)
-        if when is None or not isinstance(pk, int):
+        if when is None or when.tzinfo is None or not _in_range(when) or not isinstance(pk, int):
             raise ValueError
         return when, pk
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError) as exc:

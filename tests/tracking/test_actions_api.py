@@ -694,6 +694,9 @@ def test_audit_keyset_pages_cover_everything_once(audit_rows: list[AuditEntry]) 
         ("limit=many", "limit"),
         ("format=xml", "format"),
         ("format=csv&since=never", "since"),
+        ("since=9999-12-31T23:59:59-23:59", "since"),  # past datetime's range: was a 500
+        ("format=csv&since=9999-12-31T23:59:59-23:59", "since"),  # was a 200 cut short
+        ("format=jsonl&until=0001-01-01T00:00:00%2B01:00", "until"),
     ],
 )
 def test_bad_audit_queries_are_400_naming_the_parameter(query: str, field: str) -> None:

@@ -68,6 +68,30 @@ def test_a_changed_count_and_a_bad_filter_are_named(role_client: Any) -> None:
     assert changed.json()["current_count"] == 2
     bad = post(operator, "/api/v1/bulk-actions/preview", {"filters": {"status": "exploded"}})
     assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "filters.status"
+    # a misspelt or unknown filter key would have matched every saga: refused, named
+    for filters in ({"stauts": "failed"}, {"sort": "bogus"}, {"limit": "abc"}):
+        bad = post(operator, "/api/v1/bulk-actions/preview", {"filters": filters})
+        assert bad.status_code == 400, filters
+        assert bad.json()["errors"][0]["field"] == f"filters.{next(iter(filters))}"
+    bad = post(
+        operator,
+        "/api/v1/bulk-actions",
+        {
+            "action": "compensate",
+            "filters": {"stauts": "failed"},
+            "reason": "x",
+            "expected_count": 2,
+        },
+    )
+    assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "filters.stauts"
+    # times out of range are named too (they were a 500)
+    bad = post(
+        operator,
+        "/api/v1/bulk-actions/preview",
+        {"filters": {"started_after": "9999-12-31T23:59:59-23:59"}},
+    )
+    assert bad.status_code == 400
+    assert bad.json()["errors"][0]["field"] == "filters.started_after"
     viewer = post(
         role_client("viewer"),
         "/api/v1/bulk-actions",

@@ -128,6 +128,8 @@ def test_filters(user_client, sagas, query, expected) -> None:
         ("limit=x", "limit"),
         ("cursor=garbage", "cursor"),
         ("started_after=yesterday", "started_after"),
+        ("started_after=9999-12-31T23:59:59-23:59", "started_after"),  # past datetime's range
+        ("started_before=0001-01-01T00:00:00%2B01:00", "started_before"),
         ("attr.a%20b=1", "attr.a b"),
     ],
 )

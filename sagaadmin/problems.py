@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from django.http import HttpResponse
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, HttpResponse
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
@@ -68,7 +69,7 @@ def problem_response(
     return response
 
 
-_SLUGS = {
+_SLUGS: dict[type[Exception], str] = {
     exceptions.ParseError: "malformed-request",
     exceptions.AuthenticationFailed: "not-authenticated",
     exceptions.NotAuthenticated: "not-authenticated",
@@ -79,6 +80,8 @@ _SLUGS = {
     exceptions.UnsupportedMediaType: "unsupported-media-type",
     exceptions.Throttled: "rate-limited",
     exceptions.ValidationError: "invalid-parameters",
+    Http404: "not-found",  # Django's, raised in a DRF view (DRF answers it as NotFound)
+    DjangoPermissionDenied: "forbidden",
 }
 
 

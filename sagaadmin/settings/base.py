@@ -184,6 +184,11 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Report saga telemetry and read saga timelines.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # the ingest and OTLP endpoints are not DRF views: tracking/api/schema.py adds them
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "tracking.api.schema.ingest_paths",
+    ],
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",

@@ -214,3 +214,36 @@ def test_a_person_without_a_role_reads_nothing(role_client) -> None:
     assert response.status_code == 403
     assert response["Content-Type"].startswith("application/problem+json")
     assert "with a role" in response.json()["detail"]
+
+
+def test_the_schema_documents_ingest_from_its_validator_and_is_valid_openapi(user_client) -> None:
+    from drf_spectacular.validation import validate_schema
+
+    from tracking.protocol import EventV1
+
+    schema = user_client.get("/api/v1/schema?format=json").json()
+    validate_schema(schema)  # raises on an invalid OpenAPI 3.0 document
+    post = schema["paths"]["/api/v1/events"]["post"]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    assert {"$ref": "#/components/schemas/EventV1"} in body["oneOf"]
+    event = schema["components"]["schemas"]["EventV1"]
+    assert set(event["properties"]) == set(EventV1.__struct_fields__)
+    assert {"id", "saga_id", "type", "occurred_at"} <= set(event["required"])
+    assert {"200", "400", "401", "413", "415", "422", "503"} <= set(post["responses"])
+    for path in ("/api/v1/otlp/v1/traces", "/v1/traces"):
+        assert "post" in schema["paths"][path]
+    # what the events and detail endpoints really answer
+    events = schema["paths"]["/api/v1/sagas/{saga_id}/events"]["get"]["responses"]
+    ref = events["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert "results" in schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
+    assert "404" in events
+    assert "404" in schema["paths"]["/api/v1/sagas/{saga_id}"]["get"]["responses"]
+    assert "400" in schema["paths"]["/api/v1/sagas"]["get"]["responses"]
+
+
+def test_an_unknown_saga_is_a_not_found_problem(user_client) -> None:
+    for url in ("/api/v1/sagas/nope", "/api/v1/sagas/nope/events"):
+        response = user_client.get(url)
+        assert response.status_code == 404
+        assert response["Content-Type"] == "application/problem+json"
+        assert response.json()["type"].endswith("/not-found")

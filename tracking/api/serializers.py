@@ -469,7 +469,7 @@ class OperatorActionSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
-    @extend_schema_field(OpenApiTypes.OBJECT)
+    @extend_schema_field(serializers.JSONField(allow_null=True))
     def get_data(self, record: OperatorAction) -> Any:
         return redacted(record.data)
 

@@ -11,7 +11,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from tracking.api.serializers import EventSerializer, SagaDetailSerializer, SagaSerializer
+from tracking.api.serializers import (
+    EventSerializer,
+    ProblemSerializer,
+    SagaDetailSerializer,
+    SagaSerializer,
+)
 from tracking.selectors import (
     SORTS,
     InvalidFilter,
@@ -37,6 +42,9 @@ _LIST_PARAMS = [
 ]
 
 
+PROBLEM = "application/problem+json"
+
+
 def _invalid(exc: InvalidFilter) -> ValidationError:
     return ValidationError({exc.field: [exc.message]})
 
@@ -45,13 +53,16 @@ class SagaListView(APIView):
     @extend_schema(
         operation_id="sagas_list",
         parameters=_LIST_PARAMS,
-        responses=inline_serializer(
-            "SagaPage",
-            {
-                "results": SagaSerializer(many=True),
-                "next_cursor": serializers.CharField(allow_null=True),
-            },
-        ),
+        responses={
+            200: inline_serializer(
+                "SagaPage",
+                {
+                    "results": SagaSerializer(many=True),
+                    "next_cursor": serializers.CharField(allow_null=True),
+                },
+            ),
+            (400, PROBLEM): ProblemSerializer,
+        },
     )
     def get(self, request: Request) -> Response:
         params = request.query_params
@@ -74,7 +85,7 @@ class SagaListView(APIView):
 
 
 class SagaDetailView(APIView):
-    @extend_schema(responses=SagaDetailSerializer)
+    @extend_schema(responses={200: SagaDetailSerializer, (404, PROBLEM): ProblemSerializer})
     def get(self, request: Request, saga_id: str) -> Response:
         saga = saga_get(saga_id=saga_id)
         if saga is None:
@@ -83,7 +94,12 @@ class SagaDetailView(APIView):
 
 
 class SagaEventsView(APIView):
-    @extend_schema(responses=EventSerializer(many=True))
+    @extend_schema(
+        responses={
+            200: inline_serializer("SagaEvents", {"results": EventSerializer(many=True)}),
+            (404, PROBLEM): ProblemSerializer,
+        }
+    )
     def get(self, request: Request, saga_id: str) -> Response:
         events = saga_events_list(saga_id=saga_id)
         if not events:

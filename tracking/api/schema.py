@@ -143,7 +143,7 @@ def ingest_paths(result: dict[str, Any], generator: Any, request: Any, public: b
             },
         }
     }
-    otlp = {
+    otlp: dict[str, dict[str, Any]] = {
         "post": {
             "operationId": "otlp_traces_export",
             "summary": "Receive OpenTelemetry traces (OTLP/HTTP) as saga telemetry",
@@ -177,7 +177,12 @@ def ingest_paths(result: dict[str, Any], generator: Any, request: Any, public: b
         }
     }
     paths["/api/v1/otlp/v1/traces"] = otlp
-    root = {"post": {**otlp["post"], "operationId": "otlp_traces_export_root"}}
-    root["post"]["summary"] += " (the path a standard exporter appends to its base URL)"
-    paths["/v1/traces"] = root
+    paths["/v1/traces"] = {
+        "post": {
+            **otlp["post"],
+            "operationId": "otlp_traces_export_root",
+            "summary": "Receive OpenTelemetry traces at the path a standard exporter appends "
+            "to its base URL (the same as /api/v1/otlp/v1/traces)",
+        }
+    }
     return result

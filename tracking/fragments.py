@@ -111,13 +111,15 @@ def saga_row_html(saga: Saga, now: datetime) -> SafeString:
     return SafeString(
         f'<tr id="row-{saga.pk}" data-saga-id="{saga_id}" data-version="{saga.version}">'
         f'<td><a href="{esc(saga_detail_url(saga.saga_id))}">{saga_id}</a></td>'
-        f"<td>{esc(saga.saga_type) or DASH}</td>"
-        f'<td><span class="status status-{esc(saga.status)}">{esc(saga.status)}</span></td>'
-        f"<td>{esc(saga.current_step) or DASH}</td>"
-        f"<td>{_flags_html(saga.flags, saga.open_incidents)}</td>"
-        f"<td>{time_html(saga.started_at, now)}</td>"
-        f"<td>{time_html(saga.last_event_at, now)}</td>"
-        f"<td>{format_duration(saga.duration_ms)}</td></tr>"
+        f'<td data-label="Type">{esc(saga.saga_type) or DASH}</td>'
+        f'<td data-label="Status"><span class="status status-{esc(saga.status)}">'
+        f"{esc(saga.status)}</span></td>"
+        f'<td data-label="Step">{esc(saga.current_step) or DASH}</td>'
+        f'<td data-label="Flags">{_flags_html(saga.flags, saga.open_incidents)}</td>'
+        f'<td data-label="Started">{time_html(saga.started_at, now)}</td>'
+        f'<td data-label="Last activity">{time_html(saga.last_event_at, now)}</td>'
+        f'<td data-label="Duration">'
+        f"{DASH if saga.duration_ms is None else format_duration(saga.duration_ms)}</td></tr>"
     )
 
 

@@ -65,10 +65,12 @@ from tracking.models import (
     Incident,
     IncidentKind,
     OperatorAction,
+    Saga,
     SagaStatus,
     SagaType,
     Service,
     ServiceKey,
+    StepStatus,
     TelemetryEvent,
 )
 from tracking.overview import WINDOWS, overview_get
@@ -273,6 +275,16 @@ def trace_links(trace_ids: list[str]) -> list[tuple[str, str]]:
     return [(t, template.replace("{trace_id}", t) if template else "") for t in trace_ids]
 
 
+def _error_recovered(saga: Saga) -> bool:
+    """The saga's last error is behind it: the saga completed, or the step that failed
+    has succeeded since (a retry worked while the saga still runs)."""
+    if saga.status == SagaStatus.COMPLETED:
+        return True
+    failed = (saga.last_error or {}).get("step")
+    step = next((s for s in saga.steps.all() if s.name == failed), None)
+    return step is not None and step.status == StepStatus.SUCCEEDED and step.last_error is None
+
+
 def _saga_detail_context(
     request: HttpRequest, saga_id: str, query: QueryDict, **extra: Any
 ) -> dict[str, Any]:
@@ -288,6 +300,7 @@ def _saga_detail_context(
     run = run_state_get(saga_id=saga_id)
     return {
         "saga": saga,
+        "error_recovered": _error_recovered(saga),
         "trace_links": trace_links(saga.trace_ids),
         "incident_badges": incident_badges_html(saga.open_incidents),
         "incidents": incidents.incidents,
@@ -589,7 +602,7 @@ def _bulk_preview_context(
         "above": above,
         "needs_approval": bool(above) and count > above,
         "rate": rate,
-        "eta": _seconds_text(round(count / rate)) if rate > 0 and count else "",
+        "eta": _eta_text(count / rate) if rate > 0 and count else "",
         "errors": errors,
         "reason_max": REASON_MAX,
         "now": timezone.now(),
@@ -679,7 +692,7 @@ class BulkProgress:
         rest = job.total - job.processed
         eta = ""
         if job.status == "running" and job.rate > 0 and rest:
-            eta = _seconds_text(round(rest / job.rate))
+            eta = _eta_text(rest / job.rate)
         return cls(
             job=job,
             percent=job.processed * 100 // total,
@@ -1140,6 +1153,13 @@ class TypeRow:
     steps_value: str  # the form's step thresholds, one "step=seconds" a line
     steps_error: str
     edited: bool  # the form was just submitted with an error: open it
+
+
+def _eta_text(seconds: float) -> str:
+    """How long a bulk job takes at its rate: "under a second", "about 12 s", ..."""
+    if seconds < 1:
+        return "under a second"
+    return "about " + _seconds_text(round(seconds))
 
 
 def _seconds_text(seconds: float) -> str:

@@ -181,7 +181,10 @@ REST_FRAMEWORK = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Saga Admin API",
-    "DESCRIPTION": "Report saga telemetry and read saga timelines.",
+    "DESCRIPTION": (
+        "Report saga telemetry and read saga timelines. [Back to the dashboard](/). "
+        "Every field and event type of the telemetry protocol: docs/protocol.md."
+    ),
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
     # the ingest and OTLP endpoints are not DRF views: tracking/api/schema.py adds them

@@ -439,3 +439,11 @@ def test_a_waiting_action_is_rejected_with_a_note(role_client: RoleClient, setti
     assert entry.detail == "refunds run tonight"
     assert role_client("viewer").post(f"/operator-actions/{record.pk}/approve").status_code == 403
     assert second.post("/operator-actions/9999/approve").status_code == 404
+
+
+def test_the_time_a_job_takes_reads_as_words() -> None:
+    from tracking.views import _eta_text
+
+    assert _eta_text(0.2) == "under a second"  # was "about 0 s"
+    assert _eta_text(12.4) == "about 12 s"
+    assert _eta_text(600) == "about 600 s (10 min)"

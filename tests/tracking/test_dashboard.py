@@ -294,3 +294,38 @@ def test_saga_news_names_only_changed_sagas_on_the_first_page_of_the_filter(
 
 def test_saga_news_needs_a_role(role_client) -> None:
     assert role_client(None).get("/live/saga-news?id=x").status_code == 403
+
+
+def test_an_error_a_retry_got_past_shows_as_recovered_while_the_saga_runs(
+    api, make_event, user_client
+) -> None:
+    failed = {"type": "Timeout", "message": "provider slow", "retryable": True}
+    api.batch(
+        [
+            make_event("saga.started", saga_id="rec-1"),
+            make_event("step.started", saga_id="rec-1"),
+            make_event("step.failed", saga_id="rec-1", error=failed),
+        ]
+    )
+    page = user_client.get("/sagas/rec-1").content.decode()
+    assert "Last error in charge" in page and "Recovered error" not in page
+    # the operator's retry worked; the saga goes on (still running)
+    api.batch(
+        [
+            make_event("step.started", saga_id="rec-1", attempt=2),
+            make_event("step.succeeded", saga_id="rec-1", attempt=2),
+        ]
+    )
+    page = user_client.get("/sagas/rec-1").content.decode()
+    assert "Recovered error in charge" in page and "Last error" not in page
+
+
+def test_a_running_sagas_duration_counts_seconds_not_zero_minutes() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tracking.templatetags.saga_tags import elapsed
+
+    now = datetime(2026, 11, 27, tzinfo=UTC)
+    assert elapsed(now - timedelta(seconds=2), now) == "2.0 s"
+    assert elapsed(now - timedelta(seconds=90), now) == "1.5 min"
+    assert elapsed(None, now) == "\u2013"  # a dash

@@ -130,7 +130,7 @@ def test_a_viewer_sees_every_unresolved_incident_and_no_forms(role_client, incid
     row = stuck.group(0)
     assert '<span class="incident incident-stuck">stuck</span>' in row
     assert '<a href="/sagas/stuck-1" class="mono">stuck-1</a>' in row
-    assert "<td>order</td>" in row
+    assert '<small class="muted">order</small></td>' in row  # the saga type, under its id
     assert "past its deadline" in row
     assert '<span class="mono">stuck-1-1</span> saga.started' in row  # the evidence
     assert '<span class="istatus istatus-open">open</span>' in row

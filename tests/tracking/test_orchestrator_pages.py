@@ -374,7 +374,7 @@ def test_an_orchestrated_saga_shows_its_run_and_steps(viewer) -> None:
     assert "<td>1</td>" in reserve
     charge = row(panel, "step", "charge_payment")
     assert '<span class="status status-running">running</span>' in charge
-    assert f'<td class="mono">{command_id}</td>' in charge
+    assert f'<td class="mono wrap-any">{command_id}</td>' in charge
     assert "payment · charge" in charge
     shipment = row(panel, "step", "create_shipment")
     assert '<span class="status status-pending">pending</span>' in shipment
@@ -406,3 +406,17 @@ def test_the_live_refresh_of_the_body_keeps_the_panel(viewer) -> None:
     assert '<a class="orchestrated" href="#orch-title"' in body
     panel = section(body, "orch-title")
     assert '<span class="status status-completed">completed</span>' in panel
+
+
+def test_a_step_a_finished_run_never_reached_shows_not_run(viewer) -> None:
+    # given an order saga whose second step fails for good: the later steps never run
+    sagas.SCRIPT[f"forward:{sagas.ORDER_STEPS[1]}"] = ["fatal"]
+    saga_start(saga_type="test-order", saga_id="nr-1")
+    Worker().drain()
+    panel = section(html_of(viewer, "/sagas/nr-1"), "orch-title")
+    last = row(panel, "step", sagas.ORDER_STEPS[-1])
+    assert "not run" in last and "status-pending" not in last
+    # while a run goes on, a step it has not reached yet is pending
+    saga_start(saga_type="test-order", saga_id="nr-2")
+    panel = section(html_of(viewer, "/sagas/nr-2"), "orch-title")
+    assert "status-pending" in row(panel, "step", sagas.ORDER_STEPS[-1])

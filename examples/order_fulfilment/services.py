@@ -156,7 +156,12 @@ class Service:
         try:
             if handler is None:
                 raise Refused("UnknownCommand", f"{self.name} cannot {action}", retryable=False)
-            result = handler(data, command, first_try)
+            try:
+                result = handler(data, command, first_try)
+            except KeyError as missing:  # a saga started with data this service cannot use
+                raise Refused(
+                    "BadData", f"the saga's data has no {missing.args[0]!r}", retryable=False
+                ) from missing
         except Refused as refused:
             self._reply(command, ok=False, error=refused.error())
             return

@@ -101,3 +101,22 @@ def test_duplicated_and_reordered_reports_from_a_skewed_clock_give_the_true_time
     assert all(
         s == "succeeded" for s in Step.objects.filter(saga=row).values_list("status", flat=True)
     )
+
+
+def test_a_saga_started_with_data_a_service_cannot_use_is_refused_not_retried(
+    monkeypatch,
+) -> None:
+    """An orchestrated command whose data lacks a field answers a non-retryable refusal
+    naming it (a KeyError was retried until the outbox gave up on the message)."""
+    from examples.order_fulfilment import services
+
+    replies: list[dict] = []
+    monkeypatch.setattr(services.outbox, "publish", lambda **kw: replies.append(kw["payload"]))
+    order = object.__new__(services.OrderService)
+    command = {"command_id": "c-1", "saga_id": "fz-1", "epoch": 1, "attempt": 1, "data": {}}
+    order._orchestrated("create_order", command)
+    [reply] = replies
+    assert reply["ok"] is False and reply["command_id"] == "c-1"
+    assert reply["error"]["type"] == "BadData"
+    assert "'customer'" in reply["error"]["message"]
+    assert reply["error"]["retryable"] is False

@@ -511,6 +511,9 @@ def test_unknown_action_and_saga_are_404_naming_them() -> None:
     failed_external()
     client, _ = person("operator")
     assert_problem(post(client, "ext-1", "explode", expected_version=1), 404, "action")
+    # not a lowercase name, or none at all (these were 405s from the saga detail route)
+    assert_problem(post(client, "ext-1", "EXPLODE", expected_version=1), 404, "action")
+    assert_problem(post(client, "ext-1", "", expected_version=1), 404, "action")
     assert_problem(post(client, "nope", "retry_step", expected_version=1), 404, "saga_id")
     assert AuditEntry.objects.count() == 0
 

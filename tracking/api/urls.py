@@ -41,7 +41,7 @@ urlpatterns = [
     path("sagas", SagaListView.as_view(), name="api-saga-list"),
     re_path(r"^sagas/(?P<saga_id>.+)/events$", SagaEventsView.as_view(), name="api-saga-events"),
     re_path(
-        r"^sagas/(?P<saga_id>.+)/actions/(?P<action>[a-z_]+)$",
+        r"^sagas/(?P<saga_id>.+)/actions/(?P<action>[^/]*)$",
         SagaActionView.as_view(),
         name="api-saga-action",
     ),

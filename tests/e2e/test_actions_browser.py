@@ -132,7 +132,8 @@ def test_an_operator_retries_a_failed_step_and_sees_the_saga_complete(
     assert page.evaluate("window.notReloaded") is True
     expect(panel.get_by_role("button", name="Retry step")).to_be_disabled()
     expect(panel.get_by_role("button", name="Restart as a new saga")).to_be_enabled()
-    page.locator("section.actions-panel").scroll_into_view_if_needed()
+    # (in one step: a live refresh may replace the panel while Playwright waits for it)
+    page.evaluate("document.querySelector('section.actions-panel').scrollIntoView()")
     screenshot(page, "dashboard-actions")
 
     # and the audit page lists the retry, filtered by the saga from its link

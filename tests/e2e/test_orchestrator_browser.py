@@ -101,7 +101,7 @@ def test_an_admin_starts_a_saga_and_sees_it_run(page_for, e2e) -> None:
         expect(panel.locator(f'tr[data-step="{step}"] td').nth(4)).to_have_text("1")
     expect(page.locator(".facts .status").first).to_have_text("completed")  # the telemetry
     expect(page.locator(".attrs")).to_contain_text("order_id")
-    page.locator("section.run-panel").scroll_into_view_if_needed()
+    page.evaluate("document.querySelector('section.run-panel').scrollIntoView()")  # one step
     screenshot(page, "dashboard-saga-orchestrated")
 
     # and the Orchestrator page no longer lists it among the runs not finished

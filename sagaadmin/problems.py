@@ -99,6 +99,8 @@ def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         detail = (
             str(response.data.get("detail", exc)) if isinstance(response.data, dict) else str(exc)
         )
+        if isinstance(exc, exceptions.ParseError) and "int_max_str_digits" in detail:
+            detail = "JSON parse error: a number in the body has more than 4300 digits."
     body = problem_body(response.status_code, slug, detail, **extra)
     response.data = body
     response.content_type = PROBLEM_CONTENT_TYPE

@@ -961,3 +961,14 @@ def test_an_action_awaiting_a_second_operator_is_202_with_nothing_dispatched(set
     assert progress["status"] == "awaiting_approval"
     Worker().drain()
     assert run_of("two-1").epoch == 1  # the retry waits for the approval
+
+
+def test_a_number_too_long_to_parse_is_a_plain_malformed_request() -> None:
+    failed_external()
+    client, _ = person("operator")
+    body = '{"reason": "x", "expected_version": ' + "9" * 5000 + "}"
+    response = client.post(
+        "/api/v1/sagas/ext-1/actions/retry_step", body, content_type="application/json"
+    )
+    problem = assert_problem(response, 400)
+    assert "4300 digits" in problem["detail"] and "set_int_max_str_digits" not in problem["detail"]

@@ -29,6 +29,7 @@ from rest_framework.views import APIView
 
 from tracking.actions import ActionError, action_approve, action_reject
 from tracking.api.actions import _problems, action_refused
+from tracking.api.serializers import StrictCharField
 from tracking.bulk_actions import bulk_approve, bulk_cancel, bulk_preview, bulk_start
 from tracking.models import BulkJob
 from tracking.selectors import InvalidFilter
@@ -37,7 +38,7 @@ ITEMS_MAX = 1000  # per-saga results in one answer
 
 
 class FiltersField(serializers.DictField):
-    child = serializers.CharField(allow_blank=True, max_length=400)
+    child = StrictCharField(allow_blank=True, max_length=400)
 
 
 class PreviewRequest(serializers.Serializer[Any]):
@@ -45,14 +46,14 @@ class PreviewRequest(serializers.Serializer[Any]):
 
 
 class StartRequest(PreviewRequest):
-    action = serializers.CharField(max_length=32)
-    reason = serializers.CharField(max_length=2000)
+    action = StrictCharField(max_length=32)
+    reason = StrictCharField(max_length=2000)
     expected_count = serializers.IntegerField(min_value=1)
     rate = serializers.FloatField(min_value=0, max_value=1000, required=False)
 
 
 class NoteRequest(serializers.Serializer[Any]):
-    note = serializers.CharField(max_length=2000, required=False, allow_blank=True, default="")
+    note = StrictCharField(max_length=2000, required=False, allow_blank=True, default="")
 
 
 class BulkJobSerializer(serializers.ModelSerializer[BulkJob]):

@@ -65,7 +65,12 @@ def request_check(*, method: str, content_type: str, token: str | None) -> str:
             problem(
                 415,
                 "unsupported-media-type",
-                f"Send events as application/json, not '{content_type or 'no content type'}'.",
+                "Send events as application/json"
+                + (
+                    f", not '{content_type}'."
+                    if content_type
+                    else " (this request has no usable Content-Type)."
+                ),
             )
         )
     if token is None:

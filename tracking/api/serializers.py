@@ -19,6 +19,16 @@ from tracking.protocol import redacted
 from tracking.selectors import EventRow
 
 
+class StrictCharField(serializers.CharField):
+    """A CharField that takes text only: DRF's turns a number (``"reason": 123``) into
+    "123"; an API that names the field it refuses says so instead."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return str(super().to_internal_value(data))
+
+
 class StepSerializer(serializers.ModelSerializer):
     class Meta:
         model = Step
@@ -40,8 +50,8 @@ class StepSerializer(serializers.ModelSerializer):
 
 
 class SagaSerializer(serializers.ModelSerializer):
-    flags = serializers.ListField(source="flag_list", child=serializers.CharField())
-    services = serializers.ListField(source="service_list", child=serializers.CharField())
+    flags = serializers.ListField(source="flag_list", child=StrictCharField())
+    services = serializers.ListField(source="service_list", child=StrictCharField())
 
     class Meta:
         model = Saga
@@ -76,8 +86,8 @@ class SagaDetailSerializer(SagaSerializer):
 
 
 class EventSerializer(serializers.ModelSerializer):
-    id = serializers.CharField(source="event_id")
-    service = serializers.CharField(source="service_name")
+    id = StrictCharField(source="event_id")
+    service = StrictCharField(source="service_name")
     version = serializers.IntegerField(source="protocol_version")
     skew_ms = serializers.SerializerMethodField()
 
@@ -115,17 +125,17 @@ class EventSerializer(serializers.ModelSerializer):
 
 
 class ProblemFieldErrorSerializer(serializers.Serializer):
-    field = serializers.CharField(help_text='the offending field, e.g. "note"')
-    message = serializers.CharField()
+    field = StrictCharField(help_text='the offending field, e.g. "note"')
+    message = StrictCharField()
 
 
 class ProblemSerializer(serializers.Serializer):
     """RFC 9457 problem details (``application/problem+json``), as every API error is served."""
 
-    type = serializers.CharField(help_text="https://sagaadmin.dev/problems/<slug>")
-    title = serializers.CharField()
+    type = StrictCharField(help_text="https://sagaadmin.dev/problems/<slug>")
+    title = StrictCharField()
     status = serializers.IntegerField()
-    detail = serializers.CharField()
+    detail = StrictCharField()
     # DRF moves declared fields off the class: this does not hide Serializer.errors.
     errors = ProblemFieldErrorSerializer(many=True, required=False)  # type: ignore[assignment]
 
@@ -140,15 +150,15 @@ class _StoredDateTimeField(serializers.DateTimeField):
 
 
 class EvidenceSerializer(serializers.Serializer):
-    service = serializers.CharField()
-    event_id = serializers.CharField()
-    type = serializers.CharField()
-    step = serializers.CharField(allow_blank=True)
+    service = StrictCharField()
+    event_id = StrictCharField()
+    type = StrictCharField()
+    step = StrictCharField(allow_blank=True)
     occurred_at = _StoredDateTimeField()
 
 
 class IncidentSerializer(serializers.ModelSerializer):
-    saga_id = serializers.CharField(source="saga.saga_id")
+    saga_id = StrictCharField(source="saga.saga_id")
     evidence = EvidenceSerializer(many=True)
     saga_url = serializers.SerializerMethodField()
 
@@ -184,7 +194,7 @@ class IncidentSerializer(serializers.ModelSerializer):
 
 
 class IncidentAcknowledgeSerializer(serializers.Serializer):
-    note = serializers.CharField(
+    note = StrictCharField(
         required=False,
         allow_blank=True,
         trim_whitespace=False,
@@ -193,7 +203,7 @@ class IncidentAcknowledgeSerializer(serializers.Serializer):
 
 
 class IncidentResolveSerializer(serializers.Serializer):
-    note = serializers.CharField(
+    note = StrictCharField(
         trim_whitespace=False,
         help_text=f"required: how it was resolved; at most {NOTE_MAX} characters",
     )
@@ -215,7 +225,7 @@ class EffectiveThresholdsSerializer(ThresholdsSerializer):
 
 
 class StepDurationSerializer(serializers.Serializer):
-    step = serializers.CharField()
+    step = StrictCharField()
     count = serializers.IntegerField(help_text="finished forward attempts in the learning window")
     failures = serializers.IntegerField()
     p50_ms = serializers.FloatField(allow_null=True)
@@ -233,13 +243,13 @@ class StepDurationSerializer(serializers.Serializer):
 
 
 class SagaTypeSerializer(serializers.Serializer):
-    name = serializers.CharField()
+    name = StrictCharField()
     thresholds = ThresholdsSerializer(help_text="the type's own settings; null: the default")
     effective = EffectiveThresholdsSerializer(help_text="what the detector applies")
     steps = StepDurationSerializer(many=True)
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField(allow_null=True)
-    updated_by = serializers.CharField(allow_blank=True)
+    updated_by = StrictCharField(allow_blank=True)
 
 
 class SagaTypeUpdateSerializer(serializers.Serializer):
@@ -273,10 +283,10 @@ class RetryPolicySerializer(serializers.Serializer):
 
 
 class StepDefinitionSerializer(serializers.Serializer):
-    name = serializers.CharField()
+    name = StrictCharField()
     kind = serializers.ChoiceField(choices=["local", "remote", "tcc"])
-    service = serializers.CharField(allow_blank=True, help_text='remote: who runs it; else ""')
-    command = serializers.CharField(allow_blank=True, help_text='remote: the action; else ""')
+    service = StrictCharField(allow_blank=True, help_text='remote: who runs it; else ""')
+    command = StrictCharField(allow_blank=True, help_text='remote: the action; else ""')
     undo_command = serializers.SerializerMethodField(help_text="remote: the compensation's action")
     retry = RetryPolicySerializer()
     compensation_retry = RetryPolicySerializer(source="undo_retry")
@@ -292,25 +302,25 @@ class StepDefinitionSerializer(serializers.Serializer):
 
 
 class SagaDefinitionSerializer(serializers.Serializer):
-    name = serializers.CharField()
-    service = serializers.CharField(help_text="the service its telemetry is reported as")
+    name = StrictCharField()
+    service = StrictCharField(help_text="the service its telemetry is reported as")
     steps = StepDefinitionSerializer(many=True)
 
 
 class StepRunStateSerializer(serializers.Serializer):
-    name = serializers.CharField()
+    name = StrictCharField()
     position = serializers.IntegerField()
-    kind = serializers.CharField()
-    service = serializers.CharField(allow_blank=True)
-    command = serializers.CharField(allow_blank=True)
-    status = serializers.CharField()
+    kind = StrictCharField()
+    service = StrictCharField(allow_blank=True)
+    command = StrictCharField(allow_blank=True)
+    status = StrictCharField()
     attempt = serializers.IntegerField()
     compensation_attempt = serializers.IntegerField()
     epoch = serializers.IntegerField()
-    tx_state = serializers.CharField(
+    tx_state = StrictCharField(
         allow_blank=True, help_text='tcc: "", "prepared", "committed" or "rolled_back"'
     )
-    command_id = serializers.CharField(allow_blank=True, help_text="remote: the command now out")
+    command_id = StrictCharField(allow_blank=True, help_text="remote: the command now out")
     deadline = serializers.DateTimeField(allow_null=True)
     started_at = serializers.DateTimeField(allow_null=True)
     ended_at = serializers.DateTimeField(allow_null=True)
@@ -318,17 +328,17 @@ class StepRunStateSerializer(serializers.Serializer):
 
 
 class RunStateSerializer(serializers.Serializer):
-    saga_id = serializers.CharField()
-    saga_type = serializers.CharField()
-    status = serializers.CharField()
+    saga_id = StrictCharField()
+    saga_type = StrictCharField()
+    status = StrictCharField()
     paused = serializers.BooleanField()
-    waiting = serializers.CharField(allow_blank=True, help_text="why it is not advancing now")
+    waiting = StrictCharField(allow_blank=True, help_text="why it is not advancing now")
     epoch = serializers.IntegerField(help_text="grows with every operator retry")
     version = serializers.IntegerField(help_text="grows with every transition")
     next_run_at = serializers.DateTimeField(
         allow_null=True, help_text="when a worker advances it; null: waits for a reply or person"
     )
-    lease_owner = serializers.CharField(allow_blank=True, help_text="the worker holding it")
+    lease_owner = StrictCharField(allow_blank=True, help_text="the worker holding it")
     lease_until = serializers.DateTimeField(allow_null=True)
     last_error = serializers.JSONField(allow_null=True)
     # DRF moves declared fields off the class: this does not hide Serializer.data.
@@ -351,8 +361,8 @@ class RunStateSerializer(serializers.Serializer):
 
 
 class SagaStartSerializer(serializers.Serializer):
-    saga_type = serializers.CharField(help_text="a defined saga type")
-    saga_id = serializers.CharField(trim_whitespace=False, help_text="1 to 200 characters")
+    saga_type = StrictCharField(help_text="a defined saga type")
+    saga_id = StrictCharField(trim_whitespace=False, help_text="1 to 200 characters")
     data = serializers.JSONField(  # type: ignore[assignment]
         required=False, allow_null=True, help_text="a JSON object: the saga's input"
     )
@@ -374,15 +384,17 @@ class ActionRequestSerializer(serializers.Serializer):
     """The body of ``POST /api/v1/sagas/{saga_id}/actions/{action}`` (tracking/actions.py
     checks the values and names the field it refuses)."""
 
-    reason = serializers.CharField(
+    reason = StrictCharField(
         trim_whitespace=False,
         allow_blank=True,
         help_text="required: why (written to the audit log); at most 2000 characters",
     )
     expected_version = serializers.IntegerField(
-        help_text="the saga's `version` you decided on; 409 with `current_version` when it moved"
+        min_value=0,
+        max_value=2**63 - 1,
+        help_text="the saga's `version` you decided on; 409 with `current_version` when it moved",
     )
-    step = serializers.CharField(
+    step = StrictCharField(
         required=False,
         allow_blank=True,
         trim_whitespace=False,
@@ -393,7 +405,7 @@ class ActionRequestSerializer(serializers.Serializer):
         allow_null=True,
         help_text="rerun only: the saga's new data, a JSON object (admins)",
     )
-    request_id = serializers.CharField(
+    request_id = StrictCharField(
         required=False,
         allow_blank=True,
         trim_whitespace=False,
@@ -410,17 +422,15 @@ class ActionRequestSerializer(serializers.Serializer):
 
 
 class ActionAnswerSerializer(serializers.Serializer):
-    action = serializers.CharField()
-    saga_id = serializers.CharField()
+    action = StrictCharField()
+    saga_id = StrictCharField()
     status = serializers.ChoiceField(
         choices=["done", "dispatched", "awaiting_approval"],
         help_text="done: the orchestrator carried it out; dispatched: a command is on its way "
         "to the owning service; awaiting_approval: a second operator must approve it (the "
         "two-person rule). Follow it at /api/v1/actions/{id}",
     )
-    command_id = serializers.CharField(
-        allow_blank=True, help_text='dispatched: the command; else ""'
-    )
+    command_id = StrictCharField(allow_blank=True, help_text='dispatched: the command; else ""')
     orchestrated = serializers.BooleanField()
     version = serializers.IntegerField(help_text="the saga's version after the action")
     id = serializers.IntegerField(help_text="the action's id: GET /api/v1/actions/{id}")
@@ -430,13 +440,13 @@ class ActionAnswerSerializer(serializers.Serializer):
 
 
 class AvailabilitySerializer(serializers.Serializer):
-    name = serializers.CharField()
+    name = StrictCharField()
     # DRF moves declared fields off the class: this does not hide Field.label.
-    label = serializers.CharField()  # type: ignore[assignment]
+    label = StrictCharField()  # type: ignore[assignment]
     allowed = serializers.BooleanField(help_text="may you run it on this saga now?")
-    reason = serializers.CharField(allow_blank=True, help_text='why not; "" when allowed')
+    reason = StrictCharField(allow_blank=True, help_text='why not; "" when allowed')
     needs_step = serializers.BooleanField()
-    step = serializers.CharField(allow_blank=True, help_text="the step it would act on")
+    step = StrictCharField(allow_blank=True, help_text="the step it would act on")
 
 
 class OperatorActionSerializer(serializers.ModelSerializer):
@@ -475,7 +485,7 @@ class OperatorActionSerializer(serializers.ModelSerializer):
 
 
 class SagaActionsSerializer(serializers.Serializer):
-    saga_id = serializers.CharField()
+    saga_id = StrictCharField()
     version = serializers.IntegerField(help_text="send it as expected_version")
     available = AvailabilitySerializer(many=True, help_text="every action, for you, now")
     history = OperatorActionSerializer(many=True, help_text="past actions, newest first")

@@ -507,6 +507,20 @@ def test_a_stale_version_is_409_with_the_current_one_and_audited() -> None:
     assert commands() == []
 
 
+def test_a_number_where_text_belongs_and_a_version_out_of_range_are_named() -> None:
+    failed_external()
+    client, _ = person("operator")
+    # "reason": 123 was taken as "123" and the action ran
+    response = post(client, "ext-1", "retry_step", reason=123, expected_version=1)
+    assert_problem(response, 400, "reason")
+    response = post(client, "ext-1", "retry_step", step=7, expected_version=1)
+    assert_problem(response, 400, "step")
+    for version in (-1, 10**30):
+        response = post(client, "ext-1", "retry_step", expected_version=version)
+        assert_problem(response, 400, "expected_version")
+    assert AuditEntry.objects.count() == 0
+
+
 def test_unknown_action_and_saga_are_404_naming_them() -> None:
     failed_external()
     client, _ = person("operator")

@@ -4,11 +4,9 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.http import Http404, HttpRequest, HttpResponse
 from django.urls import include, path
-from django.utils.functional import lazy
 from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from sagaadmin.admin_password import admin_password_shown
 from sagaadmin.health import healthz, readyz
 from sagaadmin.problems import problem_response
 from tracking.api.otlp import otlp_traces_view
@@ -24,13 +22,7 @@ urlpatterns = [
     path("api/v1/", include("tracking.api.urls")),
     # a standard OTLP/HTTP exporter needs only the base URL: <base>/v1/traces
     path("v1/traces", otlp_traces_view, name="otlp-traces-root"),
-    path(
-        "login/",
-        auth_views.LoginView.as_view(
-            extra_context={"password_file": lazy(admin_password_shown, str)()}
-        ),
-        name="login",
-    ),
+    path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("", include("tracking.urls")),
 ]

@@ -246,29 +246,35 @@ def _check_time(field: str, value: datetime) -> None:
 
 
 def _nul_at(value: Any, path: str) -> str | None:
-    """The path of the first string (value or key) holding a NUL character."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(key, str) and "\x00" in key:
-                return f"{path}.{key.replace(chr(0), '')}"
-            if found := _nul_at(item, f"{path}.{key}"):
-                return found
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            if found := _nul_at(item, f"{path}[{i}]"):
-                return found
-    elif isinstance(value, msgspec.Struct):
-        for name in value.__struct_fields__:
-            if found := _nul_at(getattr(value, name), f"{path}.{name}" if path else name):
-                return found
+    """The path of the first string (value or key) holding a NUL character. Iterative:
+    it runs before the payload's depth check, on however deep a value was sent."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return at
+        elif isinstance(node, dict):
+            items = list(node.items())
+            for key, _ in items:
+                if isinstance(key, str) and "\x00" in key:
+                    return f"{at}.{key.replace(chr(0), '')}"
+            stack.extend((item, f"{at}.{key}") for key, item in reversed(items))
+        elif isinstance(node, list | tuple):
+            stack.extend((item, f"{at}[{i}]") for i, item in reversed(list(enumerate(node))))
+        elif isinstance(node, msgspec.Struct):
+            stack.extend(
+                (getattr(node, name), f"{at}.{name}" if at else name)
+                for name in reversed(node.__struct_fields__)
+            )
     return None
 
 
 def _check_no_nul(event: EventV1) -> None:
     """PostgreSQL stores no NUL character in text or JSON: refuse it, naming the field."""
     if path := _nul_at(event, ""):
+        if len(path) > 200:  # deep in a nested value: its start says where
+            path = path[:200] + "…"
         raise EventRejected(path, "contains a NUL character (\\u0000), which cannot be stored")
 
 

@@ -7,7 +7,7 @@ import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db import connection
@@ -24,7 +24,6 @@ from tracking.models import (
     TelemetryEvent,
 )
 from tracking.projection import FoldEvent, order_events
-from tracking.protocol import EARLIEST, LATEST
 
 SORTS = {
     "-started_at": ("started_at", True),
@@ -74,6 +73,7 @@ class SagaFilter:
     @classmethod
     def from_params(cls, params: Any) -> SagaFilter:
         """Build from query parameters, naming the parameter that is wrong."""
+        no_nul(params)
         statuses = tuple(s for s in params.get("status", "").split(",") if s)
         for status in statuses:
             if status not in SagaStatus.values:
@@ -99,9 +99,17 @@ class SagaFilter:
         )
 
 
+def no_nul(params: Any) -> None:
+    """Refuse a NUL character in a parameter (PostgreSQL takes none in a text value)."""
+    for name in params:
+        if "\x00" in str(name) or "\x00" in str(params.get(name) or ""):
+            raise InvalidFilter(str(name).replace("\x00", ""), "contains a NUL character")
+
+
 def filter_time(params: Any, name: str) -> datetime | None:
-    """An RFC 3339 time with offset from query parameters, in the range events may have
-    (``tracking.protocol.EARLIEST`` … ``LATEST``), or :class:`InvalidFilter` naming it."""
+    """An RFC 3339 time with offset from query parameters, or :class:`InvalidFilter`
+    naming it. Sentinels like ``9999-12-31T23:59:59Z`` are fine; a time whose offset
+    takes it past datetime's range in UTC is refused."""
     raw = params.get(name)
     if not raw:
         return None
@@ -114,15 +122,16 @@ def filter_time(params: Any, name: str) -> datetime | None:
             name, "expected an RFC 3339 time with offset, e.g. 2026-01-01T00:00:00Z"
         )
     if not _in_range(value):
-        raise InvalidFilter(name, "must lie between 1970-01-01T00:00:00Z and 9999-01-01T00:00:00Z")
+        raise InvalidFilter(name, "lies outside the range of times (years 1 to 9999 in UTC)")
     return value
 
 
 def _in_range(value: datetime) -> bool:
     try:
-        return EARLIEST <= value <= LATEST
+        value.astimezone(UTC)
     except OverflowError:  # its UTC offset takes it past datetime's range
         return False
+    return True
 
 
 def saga_queryset(*, filters: SagaFilter) -> QuerySet[Saga]:

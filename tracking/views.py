@@ -276,10 +276,13 @@ def trace_links(trace_ids: list[str]) -> list[tuple[str, str]]:
 
 
 def _error_recovered(saga: Saga) -> bool:
-    """The saga's last error is behind it: the saga completed, or the step that failed
-    has succeeded since (a retry worked while the saga still runs)."""
+    """The saga's last error is behind it: the saga completed, or it still runs forward
+    and the step that failed has succeeded since (a retry worked). A saga that failed,
+    compensates or ended otherwise has not recovered, whatever its steps say."""
     if saga.status == SagaStatus.COMPLETED:
         return True
+    if saga.status != SagaStatus.RUNNING:
+        return False
     failed = (saga.last_error or {}).get("step")
     step = next((s for s in saga.steps.all() if s.name == failed), None)
     return step is not None and step.status == StepStatus.SUCCEEDED and step.last_error is None

@@ -146,7 +146,7 @@ class Service:
 
     def _orchestrated(self, action: str, command: dict[str, Any]) -> None:
         handler = getattr(self, f"step_{action}", None)
-        data = dict(command.get("data") or {})
+        data = _SagaData(command.get("data") or {})
         # a fault hits the first try only: not a retry, a new epoch or a restarted saga
         first_try = (
             command.get("epoch") == 1
@@ -156,12 +156,7 @@ class Service:
         try:
             if handler is None:
                 raise Refused("UnknownCommand", f"{self.name} cannot {action}", retryable=False)
-            try:
-                result = handler(data, command, first_try)
-            except KeyError as missing:  # a saga started with data this service cannot use
-                raise Refused(
-                    "BadData", f"the saga's data has no {missing.args[0]!r}", retryable=False
-                ) from missing
+            result = handler(data, command, first_try)
         except Refused as refused:
             self._reply(command, ok=False, error=refused.error())
             return
@@ -181,6 +176,15 @@ class Service:
                 "error": error,
             },
         )
+
+
+class _SagaData(dict[str, Any]):
+    """An orchestrated saga's data: a field it lacks is a refusal that names it (a saga
+    started through the API with other data), not a KeyError retried until the command
+    goes dead."""
+
+    def __missing__(self, key: str) -> Any:
+        raise Refused("BadData", f"the saga's data has no {key!r}", retryable=False)
 
 
 def _order(order_id: str) -> dict[str, Any] | None:

@@ -452,3 +452,51 @@ def test_a_literal_backslash_u0000_is_an_ordinary_string(endpoint) -> None:
     )
     assert status == 200 and answer["results"][0]["status"] == "accepted"
     assert TelemetryEvent.objects.get(saga_id="fine").payload == {"a": "\\u0000"}
+
+
+def test_a_nul_deep_in_a_deeply_nested_payload_is_rejected_not_a_500(endpoint) -> None:
+    key = service_key_create(service_name="payment").secret
+    deep: Any = "\u0000"
+    for _ in range(2000):
+        deep = [deep]
+    events = [event(1, saga="fine"), event(2, saga="bad", payload={"a": deep})]
+    status, _, answer = asyncio.run(call(endpoint, {"events": events}, key=key))
+    assert status == 200
+    assert [r["status"] for r in answer["results"]] == ["accepted", "rejected"]
+    assert answer["results"][1]["errors"][0]["field"].startswith("payload.a[0]")
+
+
+def test_a_group_that_committed_is_not_stored_again_when_a_hook_fails(
+    endpoint, monkeypatch
+) -> None:
+    """A failure after the commit (an on-commit hook) must not send the requests through
+    the one-by-one retry: they were stored; a retry would answer 'duplicate'."""
+    from django.db import transaction
+
+    from tracking.api import fastpath
+
+    key = service_key_create(service_name="payment").secret
+    real = fastpath.events_ingest
+    calls: list[int] = []
+
+    def ingest(*, service: Any, raws: Any) -> Any:
+        calls.append(len(raws))
+        result = real(service=service, raws=raws)
+        transaction.on_commit(lambda: 1 / 0)  # a hook that breaks after the commit
+        return result
+
+    monkeypatch.setattr(fastpath, "events_ingest", ingest)
+    sizes: list[int] = []
+    original = endpoint.batcher.flush
+    flush_replace(endpoint, lambda batch: (sizes.append(len(batch)), original(batch))[1])
+
+    async def main() -> list[tuple[int, dict[str, str], Any]]:
+        return await asyncio.gather(
+            *(call(endpoint, event(i, saga=f"ok-{i}"), key=key) for i in range(6))
+        )
+
+    answers = asyncio.run(main())
+    assert max(sizes) > 1
+    assert len(calls) == len(sizes)  # one ingest per flush: nothing retried
+    assert {status for status, _, _ in answers} == {500}
+    assert TelemetryEvent.objects.filter(saga_id__startswith="ok-").count() == 6

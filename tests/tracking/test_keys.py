@@ -82,24 +82,43 @@ def test_ensure_admin_creates_once_and_prints_the_login(db, tmp_path, settings) 
 
 
 def test_ensure_admin_keeps_one_password_file_per_database(db, tmp_path, settings) -> None:
-    """Two databases run from one checkout: each prints its own admin password."""
+    """Two databases run from one checkout: each prints its own admin password, and the
+    file's name tells nothing about the database."""
     from sagaadmin.admin_password import admin_password_path
 
     settings.VAR_DIR = tmp_path
     default = dict(settings.DATABASES["default"])
+    names = []
     try:
-        settings.DATABASES["default"] = {
-            **default,
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": str(tmp_path / "sagaadmin.sqlite3"),
-        }
-        embedded = admin_password_path()
-        settings.DATABASES["default"] = {**default, "ENGINE": "x.postgresql", "NAME": "other"}
-        other = admin_password_path()
+        for engine, name in (
+            ("django.db.backends.sqlite3", str(tmp_path / "sagaadmin.sqlite3")),
+            ("django.db.backends.sqlite3", str(tmp_path / "other" / "sagaadmin.sqlite3")),
+            ("django.db.backends.postgresql", "prod_db"),
+            ("django.db.backends.postgresql", "stage_db"),
+        ):
+            settings.DATABASES["default"] = {**default, "ENGINE": engine, "NAME": name}
+            names.append(admin_password_path())
     finally:
         settings.DATABASES["default"] = default
-    assert embedded == tmp_path / "admin-password.txt"
-    assert other.parent == tmp_path and other != embedded and "other" in other.name
+    assert names[0] == tmp_path / "admin-password.txt"
+    assert len(set(names)) == 4 and all(p.parent == tmp_path for p in names)
+    assert not any("prod" in p.name or "stage" in p.name or "other" in p.name for p in names)
+
+
+def test_ensure_admin_still_finds_the_password_an_earlier_version_kept(
+    db, tmp_path, settings
+) -> None:
+    from django.contrib.auth import get_user_model
+
+    from sagaadmin.admin_password import admin_password_path
+
+    settings.VAR_DIR = tmp_path
+    get_user_model().objects.create_superuser("admin", "", "kept-before-123")
+    (tmp_path / "admin-password.txt").write_text("kept-before-123\n")
+    out = io.StringIO()
+    call_command("ensure_admin", stdout=out)
+    assert "admin / kept-before-123" in out.getvalue()
+    assert admin_password_path().read_text().strip() == "kept-before-123"
 
 
 def test_ensure_admin_never_prints_a_password_that_does_not_log_in(db, tmp_path, settings) -> None:

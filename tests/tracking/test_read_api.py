@@ -247,3 +247,19 @@ def test_an_unknown_saga_is_a_not_found_problem(user_client) -> None:
         assert response.status_code == 404
         assert response["Content-Type"] == "application/problem+json"
         assert response.json()["type"].endswith("/not-found")
+
+
+def test_sentinel_times_filter_and_a_nul_is_named(user_client, sagas) -> None:
+    for query in ("started_before=9999-12-31T23:59:59Z", "started_after=0001-01-01T00:00:00Z"):
+        assert len(ids(user_client.get(f"/api/v1/sagas?{query}"))) == 4, query
+    response = user_client.get("/api/v1/sagas?saga_id=ord%00")
+    assert response.status_code == 400
+    assert [e["field"] for e in response.json()["errors"]] == ["saga_id"]
+
+
+def test_a_saga_id_holding_slash_actions_is_still_read(api, user_client) -> None:
+    assert api.batch(saga_events("tenant-7/actions/2024-001", 0)).json()["rejected"] == 0
+    response = user_client.get("/api/v1/sagas/tenant-7/actions/2024-001")
+    assert response.status_code == 200
+    assert response.json()["saga_id"] == "tenant-7/actions/2024-001"
+    assert user_client.get("/api/v1/sagas/tenant-7/actions/2024-002").status_code == 404

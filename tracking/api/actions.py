@@ -28,8 +28,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.handlers.asgi import ASGIRequest
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -83,6 +84,21 @@ def action_refused(exc: ActionError) -> HttpResponse:
 
 
 # -- running one ---------------------------------------------------------------------
+
+
+@csrf_exempt  # it changes nothing
+def saga_action_unknown_view(request: HttpRequest, saga_id: str, action: str) -> HttpResponse:
+    """``sagas/<id>/actions/<name>`` where the name is no action's (not lowercase
+    letters and _): a POST is refused naming ``action`` (not a 405 from the detail
+    route), a GET reads the saga whose id is the whole path (ids may hold "/")."""
+    if request.method in ("GET", "HEAD"):
+        from tracking.api.views import SagaDetailView
+
+        detail = SagaDetailView.as_view()
+        return detail(request, saga_id=f"{saga_id}/actions/{action}")  # type: ignore[no-any-return]
+    return action_refused(
+        ActionError(404, "action", f"no action {action!r}; one of {', '.join(ACTIONS)}")
+    )
 
 
 class SagaActionView(APIView):

@@ -38,7 +38,7 @@ ITEMS_MAX = 1000  # per-saga results in one answer
 
 
 class FiltersField(serializers.DictField):
-    child = StrictCharField(allow_blank=True, max_length=400)
+    child = serializers.CharField(allow_blank=True, max_length=400)  # attr values: scalars
 
 
 class PreviewRequest(serializers.Serializer[Any]):

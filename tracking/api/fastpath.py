@@ -24,7 +24,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, transaction
 
 from sagaadmin import telemetry
 from sagaadmin.problems import problem_bytes
@@ -185,10 +185,13 @@ class IngestBatcher:
         for job in batch:
             by_service[job.service.pk].append(job)
         for jobs in by_service.values():
+            committed: list[bool] = []
             try:
-                answers = self._store(jobs)
+                answers = self._store(jobs, committed)
             except BaseException as exc:
-                if isinstance(exc, DB_UNAVAILABLE) or len(jobs) == 1:
+                # Stored already (a hook after the commit failed), the database away, or
+                # nothing to isolate: every request of the group gets the error, as before.
+                if committed or isinstance(exc, DB_UNAVAILABLE) or len(jobs) == 1:
                     _settle([(job.future, exc) for job in jobs])
                     continue
                 log.warning(
@@ -198,15 +201,25 @@ class IngestBatcher:
                     exc,
                 )
                 answers = []
+                away: BaseException | None = None
                 for job in jobs:
+                    if away is not None:  # the database went away: do not wait for it again
+                        answers.append((job.future, away))
+                        continue
                     try:
-                        answers += self._store([job])
+                        answers += self._store([job], [])
                     except BaseException as alone:
                         answers.append((job.future, alone))
+                        if isinstance(alone, DB_UNAVAILABLE):
+                            away = alone
             _settle(answers)
 
-    def _store(self, jobs: list[_Job]) -> list[tuple[asyncio.Future[IngestResult], Any]]:
-        """One transaction for these requests (of one service); each request's answer."""
+    def _store(
+        self, jobs: list[_Job], committed: list[bool]
+    ) -> list[tuple[asyncio.Future[IngestResult], Any]]:
+        """One transaction for these requests (of one service); each request's answer.
+        ``committed`` gets an item once the transaction committed (its first on-commit
+        hook), so a failure after that is not taken for one that stored nothing."""
         assert self.loop is not None
         raws = [raw for job in jobs for raw in job.raws]
         try:
@@ -216,6 +229,7 @@ class IngestBatcher:
                 # a group of single events: statements and COMMIT in fewer round trips
                 pipelined_transaction(rows=len(raws)),
             ):
+                transaction.on_commit(lambda: committed.append(True))
                 result = events_ingest(service=jobs[0].service, raws=raws)
         except BaseException as exc:
             if isinstance(exc, DB_UNAVAILABLE):

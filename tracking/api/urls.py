@@ -5,6 +5,7 @@ from tracking.api.actions import (
     AuditListView,
     SagaActionListView,
     SagaActionView,
+    saga_action_unknown_view,
 )
 from tracking.api.bulk import (
     ActionApproveView,
@@ -41,9 +42,13 @@ urlpatterns = [
     path("sagas", SagaListView.as_view(), name="api-saga-list"),
     re_path(r"^sagas/(?P<saga_id>.+)/events$", SagaEventsView.as_view(), name="api-saga-events"),
     re_path(
-        r"^sagas/(?P<saga_id>.+)/actions/(?P<action>[^/]*)$",
+        r"^sagas/(?P<saga_id>.+)/actions/(?P<action>[a-z_]+)$",
         SagaActionView.as_view(),
         name="api-saga-action",
+    ),
+    re_path(  # any other name: POST is a 404 naming it, GET the saga of that whole id
+        r"^sagas/(?P<saga_id>.+)/actions/(?P<action>[^/]*[^a-z_/][^/]*|)$",
+        saga_action_unknown_view,
     ),
     re_path(
         r"^sagas/(?P<saga_id>.+)/actions$", SagaActionListView.as_view(), name="api-saga-actions"

@@ -6,7 +6,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import connection
 
-from sagaadmin.admin_password import admin_password_path
+from sagaadmin.admin_password import LEGACY, admin_password_path
 
 
 class Command(BaseCommand):
@@ -28,10 +28,14 @@ class Command(BaseCommand):
             self.stdout.write(f"Created user '{username}'.")
             self.stdout.write(f"Log in as  {username} / {password}")
             return
-        kept = path.read_text().strip() if path.exists() else ""
-        if kept and user.check_password(kept):
-            self.stdout.write(f"Log in as  {username} / {kept}")
-            return
+        for candidate in (path, path.parent / LEGACY):  # the shared file of earlier versions
+            kept = candidate.read_text().strip() if candidate.exists() else ""
+            if kept and user.check_password(kept):
+                if candidate != path:  # this database's own file from now on
+                    path.write_text(kept + "\n")
+                    path.chmod(0o600)
+                self.stdout.write(f"Log in as  {username} / {kept}")
+                return
         # Never reset a password behind the operator's back: say how to set one.
         where = f"{connection.vendor} database {settings.DATABASES['default'].get('NAME')}"
         self.stdout.write(

@@ -158,12 +158,14 @@ def database_away() -> Iterator[None]:
     """Point the default connection at a port nothing listens on (PostgreSQL only)."""
     settings_dict = connection.settings_dict
     saved = copy.deepcopy(settings_dict)
-    connection.close()
-    if hasattr(connection, "close_pool"):
-        connection.close_pool()
+    # The port first, then the pool: a pool another thread (re)creates in between
+    # would otherwise still reach the server.
     settings_dict["PORT"] = "1"
     if "pool" in settings_dict.get("OPTIONS", {}):
         settings_dict["OPTIONS"]["pool"] = {**settings_dict["OPTIONS"]["pool"], "timeout": 1}
+    connection.close()
+    if hasattr(connection, "close_pool"):
+        connection.close_pool()
     try:
         yield
     finally:

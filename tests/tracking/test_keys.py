@@ -87,19 +87,16 @@ def test_ensure_admin_keeps_one_password_file_per_database(db, tmp_path, setting
     from sagaadmin.admin_password import admin_password_path
 
     settings.VAR_DIR = tmp_path
-    default = dict(settings.DATABASES["default"])
-    names = []
-    try:
+    # (DATABASES itself is left alone: connections made later in other threads read it)
+    names = [
+        admin_password_path({"ENGINE": engine, "NAME": name})
         for engine, name in (
             ("django.db.backends.sqlite3", str(tmp_path / "sagaadmin.sqlite3")),
             ("django.db.backends.sqlite3", str(tmp_path / "other" / "sagaadmin.sqlite3")),
             ("django.db.backends.postgresql", "prod_db"),
             ("django.db.backends.postgresql", "stage_db"),
-        ):
-            settings.DATABASES["default"] = {**default, "ENGINE": engine, "NAME": name}
-            names.append(admin_password_path())
-    finally:
-        settings.DATABASES["default"] = default
+        )
+    ]
     assert names[0] == tmp_path / "admin-password.txt"
     assert len(set(names)) == 4 and all(p.parent == tmp_path for p in names)
     assert not any("prod" in p.name or "stage" in p.name or "other" in p.name for p in names)

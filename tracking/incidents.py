@@ -171,6 +171,10 @@ def _locked(incident_id: int) -> Incident:
     return Incident.objects.select_for_update().select_related("saga").get(pk=incident_id)
 
 
+# what incident handling writes to the audit log's "action"
+AUDIT_ACKNOWLEDGE, AUDIT_RESOLVE = "acknowledge_incident", "resolve_incident"
+
+
 def incident_acknowledge(*, incident_id: int, user: str, note: str = "") -> Incident:
     """An operator has seen it and is on it. Refused once resolved; idempotent when acknowledged."""
     note = _note(note, required=False)
@@ -189,7 +193,7 @@ def incident_acknowledge(*, incident_id: int, user: str, note: str = "") -> Inci
             update_fields=["status", "acknowledged_at", "acknowledged_by", "acknowledge_note"]
         )
         _saga_touched(incident.saga)
-        _audit(incident, "acknowledge_incident", user, note, before)
+        _audit(incident, AUDIT_ACKNOWLEDGE, user, note, before)
         alert_publish(incident, "acknowledged")
     return incident
 
@@ -207,7 +211,7 @@ def incident_resolve(*, incident_id: int, user: str, note: str) -> Incident:
         saga = incident.saga
         kinds = [k for k in split_delimited(saga.open_incidents) if k != incident.kind]
         _saga_touched(saga, open_incidents=join_delimited(kinds))
-        _audit(incident, "resolve_incident", user, note, before)
+        _audit(incident, AUDIT_RESOLVE, user, note, before)
         alert_publish(incident, "resolved")
     return incident
 

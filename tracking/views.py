@@ -56,7 +56,14 @@ from tracking.fragments import (
     saga_rows_html,
     waterfall_html,
 )
-from tracking.incidents import NOTE_MAX, IncidentRefused, incident_acknowledge, incident_resolve
+from tracking.incidents import (
+    AUDIT_ACKNOWLEDGE,
+    AUDIT_RESOLVE,
+    NOTE_MAX,
+    IncidentRefused,
+    incident_acknowledge,
+    incident_resolve,
+)
 from tracking.keys import service_key_create, service_key_revoke
 from tracking.models import (
     AuditEntry,
@@ -843,7 +850,8 @@ def audit_page(request: HttpRequest) -> HttpResponseBase:
         "is_first_page": not request.GET.get("cursor"),
         "first_query": _without(request.GET, "cursor"),
         "export_query": export_query.urlencode(),
-        "actions": list(ACTIONS),
+        # every action the log records: the operator actions and incident handling
+        "actions": [*ACTIONS, AUDIT_ACKNOWLEDGE, AUDIT_RESOLVE],
         "outcomes": AUDIT_OUTCOMES,
         "now": timezone.now(),
         "nav": "audit",

@@ -182,6 +182,10 @@ def test_an_operator_acknowledges_an_incident_with_a_note(role_client, incidents
     [message] = _outbox(ACKNOWLEDGED)
     assert json.loads(message.payload)["incident_id"] == incident.pk
     assert message.aggregateid == "stuck-1"
+    # and the audit page lists it, and its action filter offers incident handling
+    audit = client.get("/audit/?action=acknowledge_incident").content.decode()
+    assert '<option value="acknowledge_incident" selected>' in audit
+    assert "looking at the payment gateway" in audit
 
 
 def test_an_operator_resolves_an_incident_and_it_leaves_the_unresolved_list(

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.db import connection
 from django.db.models import Q, QuerySet
 from django.http import StreamingHttpResponse
 
@@ -179,6 +180,10 @@ def _encode(fmt: str, entries: list[AuditEntry]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
+def _connection_close() -> None:
+    connection.close()
+
+
 def audit_export(*, filters: AuditFilter, fmt: str, asgi: bool) -> StreamingHttpResponse:
     """Stream every matching entry as ``csv`` or ``jsonl``, newest first, in keyset batches.
 
@@ -199,12 +204,19 @@ def audit_export(*, filters: AuditFilter, fmt: str, asgi: bool) -> StreamingHttp
             after = (entries[-1].at, entries[-1].pk)
 
     async def alines() -> AsyncIterator[str]:
-        if header:
-            yield header
-        after = None
-        while entries := await sync_to_async(batch)(after):
-            yield await sync_to_async(_encode)(fmt, entries)
-            after = (entries[-1].at, entries[-1].pk)
+        try:
+            if header:
+                yield header
+            after = None
+            while entries := await sync_to_async(batch)(after):
+                yield await sync_to_async(_encode)(fmt, entries)
+                after = (entries[-1].at, entries[-1].pk)
+        except Exception:
+            # The stream broke after its 200 went out, and Django sends no
+            # request_finished for it: give the thread's pooled connection back here,
+            # or every such export keeps one until the pool runs dry.
+            await sync_to_async(_connection_close)()
+            raise
 
     content: Iterator[str] | AsyncIterator[str] = alines() if asgi else lines()
     response = StreamingHttpResponse(content, content_type=EXPORTS[fmt])

@@ -270,6 +270,13 @@ def _nul_at(value: Any, path: str) -> str | None:
     return None
 
 
+def nul_path(value: Any) -> str | None:
+    """Where a NUL character is in a decoded JSON value ("a.b[2]", "body" for a bare
+    string), or None."""
+    path = _nul_at(value, "")
+    return None if path is None else (path.lstrip(".") or "body")
+
+
 def _check_no_nul(event: EventV1) -> None:
     """PostgreSQL stores no NUL character in text or JSON: refuse it, naming the field."""
     if path := _nul_at(event, ""):

@@ -123,7 +123,8 @@ def filter_time(params: Any, name: str) -> datetime | None:
         )
     if not _in_range(value):
         raise InvalidFilter(name, "lies outside the range of times (years 1 to 9999 in UTC)")
-    return value
+    # in UTC: PostgreSQL refuses offsets past ±15:59, which RFC 3339 allows
+    return value.astimezone(UTC)
 
 
 def _in_range(value: datetime) -> bool:

@@ -57,6 +57,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "sagaadmin.telemetry.TracingMiddleware",  # only with OTEL_* set (docs/opentelemetry.md)
+    "sagaadmin.nul_guard.NulGuardMiddleware",  # a NUL in a request is a 400, not a DB error
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

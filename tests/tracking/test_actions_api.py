@@ -986,3 +986,28 @@ def test_a_number_too_long_to_parse_is_a_plain_malformed_request() -> None:
     )
     problem = assert_problem(response, 400)
     assert "4300 digits" in problem["detail"] and "set_int_max_str_digits" not in problem["detail"]
+
+
+def test_an_export_that_breaks_mid_stream_gives_its_connection_back(monkeypatch) -> None:
+    """Under ASGI a broken stream gets no request_finished: the export itself closes the
+    thread's (pooled) connection, or each such export would keep one."""
+    import asyncio
+
+    from django.db import DatabaseError
+
+    from tracking import audit
+
+    closed: list[bool] = []
+    monkeypatch.setattr(audit, "_connection_close", lambda: closed.append(True))
+    monkeypatch.setattr(
+        audit, "audit_export_batch", lambda **kw: (_ for _ in ()).throw(DatabaseError("gone"))
+    )
+    response = audit.audit_export(filters=audit.AuditFilter(), fmt="csv", asgi=True)
+
+    async def drain() -> None:
+        async for _ in response.streaming_content:
+            pass
+
+    with pytest.raises(DatabaseError):
+        asyncio.run(drain())
+    assert closed == [True]

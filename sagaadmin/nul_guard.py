@@ -1,0 +1,61 @@
+"""Refuse a request that carries a NUL character before any of it reaches the database.
+
+PostgreSQL stores no NUL (U+0000) in a text value: a query that binds one fails with
+a DataError, which would be a 500. A NUL can come in the path (a saga id), the query
+string, a cookie, form fields or a JSON body; this middleware answers 400 instead,
+naming where it was (problem+json under ``/api/``). Telemetry ingest has its own check
+(``tracking.protocol``) on the ASGI fast path, which does not pass through here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+
+from sagaadmin.problems import problem_response
+from tracking.protocol import nul_path
+
+NUL = "\x00"
+
+
+def _where(request: HttpRequest) -> str | None:
+    if NUL in request.path:
+        return "path"
+    pairs = [*request.GET.items(), *request.COOKIES.items()]
+    for name, value in pairs:
+        if NUL in name or NUL in str(value):
+            return name.replace(NUL, "")
+    content_type = request.content_type or ""
+    if content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        for name, value in request.POST.items():
+            if NUL in name or NUL in str(value):
+                return name.replace(NUL, "")
+    elif content_type.endswith("json") and request.method not in ("GET", "HEAD"):
+        body = request.body
+        if b"\\u0000" in body:  # JSON writes NUL as \u0000: rare, then look
+            try:
+                return nul_path(json.loads(body))
+            except ValueError:
+                return None  # not JSON: the view says so
+    return None
+
+
+class NulGuardMiddleware:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        where = _where(request)
+        if where is None:
+            return self.get_response(request)
+        message = "contains a NUL character (\\u0000), which cannot be stored"
+        if request.path.startswith("/api/"):
+            return problem_response(
+                400,
+                "invalid-parameters",
+                f"{where}: {message}.",
+                errors=[{"field": where, "message": message}],
+            )
+        return HttpResponseBadRequest(f"{where}: {message}.", content_type="text/plain")

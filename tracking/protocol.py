@@ -242,7 +242,9 @@ def _check_time(field: str, value: datetime) -> None:
     except OverflowError:  # its UTC offset takes it past datetime's range
         in_range = False
     if not in_range:
-        raise EventRejected(field, "must lie between 1970-01-01T00:00:00Z and 9999-01-01T00:00:00Z")
+        raise EventRejected(
+            field, "must lie from 1970-01-01T00:00:00Z up to (not including) 9999-01-01T00:00:00Z"
+        )
 
 
 def _nul_at(value: Any, path: str) -> str | None:

@@ -515,6 +515,9 @@ def test_a_number_where_text_belongs_and_a_version_out_of_range_are_named() -> N
     assert_problem(response, 400, "reason")
     response = post(client, "ext-1", "retry_step", step=7, expected_version=1)
     assert_problem(response, 400, "step")
+    # a misspelt key is refused, not ignored (the action would take its default step)
+    response = post(client, "ext-1", "retry_step", stpe="charge", expected_version=1)
+    assert_problem(response, 400, "stpe")
     for version in (-1, 10**30):
         response = post(client, "ext-1", "retry_step", expected_version=version)
         assert_problem(response, 400, "expected_version")

@@ -84,6 +84,9 @@ def test_a_changed_count_and_a_bad_filter_are_named(role_client: Any) -> None:
         },
     )
     assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "filters.stauts"
+    # so is a misspelt top-level key ("filter" for "filters" matched every saga)
+    bad = post(operator, "/api/v1/bulk-actions/preview", {"filter": {"saga_id": "bulk-"}})
+    assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "filter"
     # times out of range are named too (they were a 500)
     bad = post(
         operator,

@@ -29,7 +29,7 @@ from rest_framework.views import APIView
 
 from tracking.actions import ActionError, action_approve, action_reject
 from tracking.api.actions import _problems, action_refused
-from tracking.api.serializers import StrictCharField
+from tracking.api.serializers import KnownFieldsOnly, StrictCharField
 from tracking.bulk_actions import bulk_approve, bulk_cancel, bulk_preview, bulk_start
 from tracking.models import BulkJob
 from tracking.selectors import InvalidFilter
@@ -41,7 +41,7 @@ class FiltersField(serializers.DictField):
     child = serializers.CharField(allow_blank=True, max_length=400)  # attr values: scalars
 
 
-class PreviewRequest(serializers.Serializer[Any]):
+class PreviewRequest(KnownFieldsOnly):
     filters = FiltersField(required=False, default=dict)
 
 
@@ -52,7 +52,7 @@ class StartRequest(PreviewRequest):
     rate = serializers.FloatField(min_value=0, max_value=1000, required=False)
 
 
-class NoteRequest(serializers.Serializer[Any]):
+class NoteRequest(KnownFieldsOnly):
     note = StrictCharField(max_length=2000, required=False, allow_blank=True, default="")
 
 
@@ -218,7 +218,7 @@ class ActionRejectView(APIView):
         operation_id="actions_reject",
         summary="The two-person rule: turn down an action waiting for a second operator",
         request=NoteRequest,
-        responses={200: inline_serializer("Rejected", {}), **_problems(403, 404, 409)},
+        responses={200: inline_serializer("Rejected", {}), **_problems(400, 403, 404, 409)},
     )
     def post(self, request: Request, action_id: int) -> Response | HttpResponse:
         body = NoteRequest(data=request.data)

@@ -143,6 +143,15 @@ def ingest_paths(result: dict[str, Any], generator: Any, request: Any, public: b
             },
         }
     }
+    # OTLP/HTTP answers errors as a google.rpc.Status in the request's encoding
+    status = {
+        "application/json": {"schema": {"type": "object"}},
+        "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+    }
+    otlp_errors = {
+        code: {"description": answer["description"] + " (a google.rpc.Status)", "content": status}
+        for code, answer in errors.items()
+    }
     otlp: dict[str, dict[str, Any]] = {
         "post": {
             "operationId": "otlp_traces_export",
@@ -172,7 +181,7 @@ def ingest_paths(result: dict[str, Any], generator: Any, request: Any, public: b
                         "application/json": {"schema": {"type": "object"}},
                     },
                 },
-                **errors,
+                **otlp_errors,
             },
         }
     }

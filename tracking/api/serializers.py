@@ -19,6 +19,25 @@ from tracking.protocol import redacted
 from tracking.selectors import EventRow
 
 
+class KnownFieldsOnly(serializers.Serializer):  # type: ignore[type-arg]
+    """A request body whose every key must be a field: a misspelt key (``"filter"`` for
+    ``"filters"``, ``"stpe"`` for ``"step"``) is refused by name instead of silently
+    falling back to a default that may act on more than was meant."""
+
+    def validate(self, attrs: Any) -> Any:
+        if isinstance(self.initial_data, dict):
+            unknown = sorted(set(self.initial_data) - set(self.fields))
+            if unknown:
+                known = ", ".join(self.fields)
+                raise serializers.ValidationError(
+                    {
+                        name: [f"not a field of this request; its fields: {known}"]
+                        for name in unknown
+                    }
+                )
+        return super().validate(attrs)
+
+
 class StrictCharField(serializers.CharField):
     """A CharField that takes text only: DRF's turns a number (``"reason": 123``) into
     "123"; an API that names the field it refuses says so instead."""
@@ -380,7 +399,7 @@ class CircuitSerializer(serializers.ModelSerializer):
 # -- operator actions and the audit log ------------------------------------------------
 
 
-class ActionRequestSerializer(serializers.Serializer):
+class ActionRequestSerializer(KnownFieldsOnly):
     """The body of ``POST /api/v1/sagas/{saga_id}/actions/{action}`` (tracking/actions.py
     checks the values and names the field it refuses)."""
 

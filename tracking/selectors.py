@@ -41,6 +41,10 @@ class InvalidFilter(ValueError):
         self.message = message
 
 
+# what ``flag`` filters on: the projection's own flags and the kinds of open incidents
+FILTER_FLAGS = ("anomaly", "clock_skew", *(k for k in IncidentKind.values if k != "anomaly"))
+
+
 @dataclass(frozen=True, slots=True)
 class SagaFilter:
     saga_type: str = ""
@@ -80,6 +84,9 @@ class SagaFilter:
                 raise InvalidFilter(
                     "status", f"unknown status '{status}'; one of {', '.join(SagaStatus.values)}"
                 )
+        flag = params.get("flag", "")
+        if flag and flag not in FILTER_FLAGS:
+            raise InvalidFilter("flag", f"unknown flag '{flag}'; one of {', '.join(FILTER_FLAGS)}")
         attrs = tuple(
             (name[5:], params.get(name)) for name in sorted(params) if name.startswith("attr.")
         )

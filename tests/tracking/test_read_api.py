@@ -123,6 +123,7 @@ def test_filters(user_client, sagas, query, expected) -> None:
     ("query", "field"),
     [
         ("status=exploded", "status"),
+        ("flag=zzz", "flag"),  # was an empty list, as if no saga had it
         ("sort=name", "sort"),
         ("limit=0", "limit"),
         ("limit=x", "limit"),

@@ -23,16 +23,15 @@ NUL = "\x00"
 def _where(request: HttpRequest) -> str | None:
     if NUL in request.path:
         return "path"
+    content_type = request.content_type or ""
+    form = content_type in ("application/x-www-form-urlencoded", "multipart/form-data")
     pairs = [*request.GET.items(), *request.COOKIES.items()]
+    if form:
+        pairs += request.POST.items()
     for name, value in pairs:
         if NUL in name or NUL in str(value):
             return name.replace(NUL, "")
-    content_type = request.content_type or ""
-    if content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        for name, value in request.POST.items():
-            if NUL in name or NUL in str(value):
-                return name.replace(NUL, "")
-    elif content_type.endswith("json") and request.method not in ("GET", "HEAD"):
+    if content_type.endswith("json") and request.method not in ("GET", "HEAD"):
         body = request.body
         if b"\\u0000" in body:  # JSON writes NUL as \u0000: rare, then look
             try:

@@ -97,7 +97,9 @@ from tracking.roles import (
     can_view,
 )
 from tracking.selectors import (
+    INCIDENT_FLAGS,
     INCIDENT_STATES,
+    SAGA_FLAGS,
     InvalidFilter,
     SagaFilter,
     incident_counts,
@@ -112,8 +114,6 @@ View = Callable[..., HttpResponseBase]
 SERVICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 # The saga list's flag filter: the projection's flags, then the kinds of open incidents
 # (the detector mirrors those in Saga.open_incidents; "anomaly" is a flag already).
-SAGA_FLAGS = ("anomaly", "clock_skew")
-INCIDENT_FLAGS = tuple(k for k in IncidentKind.values if k not in SAGA_FLAGS)
 FLAGS = (("Flag", SAGA_FLAGS), ("Open incident", INCIDENT_FLAGS))  # <optgroup>s
 
 

@@ -28,13 +28,8 @@ class KnownFieldsOnly(serializers.Serializer):  # type: ignore[type-arg]
         if isinstance(self.initial_data, dict):
             unknown = sorted(set(self.initial_data) - set(self.fields))
             if unknown:
-                known = ", ".join(self.fields)
-                raise serializers.ValidationError(
-                    {
-                        name: [f"not a field of this request; its fields: {known}"]
-                        for name in unknown
-                    }
-                )
+                why = "not a field of this request; its fields: " + ", ".join(self.fields)
+                raise serializers.ValidationError({name: [why] for name in unknown})
         return super().validate(attrs)
 
 
@@ -69,8 +64,8 @@ class StepSerializer(serializers.ModelSerializer):
 
 
 class SagaSerializer(serializers.ModelSerializer):
-    flags = serializers.ListField(source="flag_list", child=StrictCharField())
-    services = serializers.ListField(source="service_list", child=StrictCharField())
+    flags = serializers.ListField(source="flag_list", child=serializers.CharField())
+    services = serializers.ListField(source="service_list", child=serializers.CharField())
 
     class Meta:
         model = Saga
@@ -105,8 +100,8 @@ class SagaDetailSerializer(SagaSerializer):
 
 
 class EventSerializer(serializers.ModelSerializer):
-    id = StrictCharField(source="event_id")
-    service = StrictCharField(source="service_name")
+    id = serializers.CharField(source="event_id")
+    service = serializers.CharField(source="service_name")
     version = serializers.IntegerField(source="protocol_version")
     skew_ms = serializers.SerializerMethodField()
 
@@ -144,17 +139,17 @@ class EventSerializer(serializers.ModelSerializer):
 
 
 class ProblemFieldErrorSerializer(serializers.Serializer):
-    field = StrictCharField(help_text='the offending field, e.g. "note"')
-    message = StrictCharField()
+    field = serializers.CharField(help_text='the offending field, e.g. "note"')
+    message = serializers.CharField()
 
 
 class ProblemSerializer(serializers.Serializer):
     """RFC 9457 problem details (``application/problem+json``), as every API error is served."""
 
-    type = StrictCharField(help_text="https://sagaadmin.dev/problems/<slug>")
-    title = StrictCharField()
+    type = serializers.CharField(help_text="https://sagaadmin.dev/problems/<slug>")
+    title = serializers.CharField()
     status = serializers.IntegerField()
-    detail = StrictCharField()
+    detail = serializers.CharField()
     # DRF moves declared fields off the class: this does not hide Serializer.errors.
     errors = ProblemFieldErrorSerializer(many=True, required=False)  # type: ignore[assignment]
 
@@ -169,15 +164,15 @@ class _StoredDateTimeField(serializers.DateTimeField):
 
 
 class EvidenceSerializer(serializers.Serializer):
-    service = StrictCharField()
-    event_id = StrictCharField()
-    type = StrictCharField()
-    step = StrictCharField(allow_blank=True)
+    service = serializers.CharField()
+    event_id = serializers.CharField()
+    type = serializers.CharField()
+    step = serializers.CharField(allow_blank=True)
     occurred_at = _StoredDateTimeField()
 
 
 class IncidentSerializer(serializers.ModelSerializer):
-    saga_id = StrictCharField(source="saga.saga_id")
+    saga_id = serializers.CharField(source="saga.saga_id")
     evidence = EvidenceSerializer(many=True)
     saga_url = serializers.SerializerMethodField()
 
@@ -244,7 +239,7 @@ class EffectiveThresholdsSerializer(ThresholdsSerializer):
 
 
 class StepDurationSerializer(serializers.Serializer):
-    step = StrictCharField()
+    step = serializers.CharField()
     count = serializers.IntegerField(help_text="finished forward attempts in the learning window")
     failures = serializers.IntegerField()
     p50_ms = serializers.FloatField(allow_null=True)
@@ -262,13 +257,13 @@ class StepDurationSerializer(serializers.Serializer):
 
 
 class SagaTypeSerializer(serializers.Serializer):
-    name = StrictCharField()
+    name = serializers.CharField()
     thresholds = ThresholdsSerializer(help_text="the type's own settings; null: the default")
     effective = EffectiveThresholdsSerializer(help_text="what the detector applies")
     steps = StepDurationSerializer(many=True)
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField(allow_null=True)
-    updated_by = StrictCharField(allow_blank=True)
+    updated_by = serializers.CharField(allow_blank=True)
 
 
 class SagaTypeUpdateSerializer(serializers.Serializer):
@@ -302,10 +297,10 @@ class RetryPolicySerializer(serializers.Serializer):
 
 
 class StepDefinitionSerializer(serializers.Serializer):
-    name = StrictCharField()
+    name = serializers.CharField()
     kind = serializers.ChoiceField(choices=["local", "remote", "tcc"])
-    service = StrictCharField(allow_blank=True, help_text='remote: who runs it; else ""')
-    command = StrictCharField(allow_blank=True, help_text='remote: the action; else ""')
+    service = serializers.CharField(allow_blank=True, help_text='remote: who runs it; else ""')
+    command = serializers.CharField(allow_blank=True, help_text='remote: the action; else ""')
     undo_command = serializers.SerializerMethodField(help_text="remote: the compensation's action")
     retry = RetryPolicySerializer()
     compensation_retry = RetryPolicySerializer(source="undo_retry")
@@ -321,25 +316,25 @@ class StepDefinitionSerializer(serializers.Serializer):
 
 
 class SagaDefinitionSerializer(serializers.Serializer):
-    name = StrictCharField()
-    service = StrictCharField(help_text="the service its telemetry is reported as")
+    name = serializers.CharField()
+    service = serializers.CharField(help_text="the service its telemetry is reported as")
     steps = StepDefinitionSerializer(many=True)
 
 
 class StepRunStateSerializer(serializers.Serializer):
-    name = StrictCharField()
+    name = serializers.CharField()
     position = serializers.IntegerField()
-    kind = StrictCharField()
-    service = StrictCharField(allow_blank=True)
-    command = StrictCharField(allow_blank=True)
-    status = StrictCharField()
+    kind = serializers.CharField()
+    service = serializers.CharField(allow_blank=True)
+    command = serializers.CharField(allow_blank=True)
+    status = serializers.CharField()
     attempt = serializers.IntegerField()
     compensation_attempt = serializers.IntegerField()
     epoch = serializers.IntegerField()
-    tx_state = StrictCharField(
+    tx_state = serializers.CharField(
         allow_blank=True, help_text='tcc: "", "prepared", "committed" or "rolled_back"'
     )
-    command_id = StrictCharField(allow_blank=True, help_text="remote: the command now out")
+    command_id = serializers.CharField(allow_blank=True, help_text="remote: the command now out")
     deadline = serializers.DateTimeField(allow_null=True)
     started_at = serializers.DateTimeField(allow_null=True)
     ended_at = serializers.DateTimeField(allow_null=True)
@@ -347,17 +342,17 @@ class StepRunStateSerializer(serializers.Serializer):
 
 
 class RunStateSerializer(serializers.Serializer):
-    saga_id = StrictCharField()
-    saga_type = StrictCharField()
-    status = StrictCharField()
+    saga_id = serializers.CharField()
+    saga_type = serializers.CharField()
+    status = serializers.CharField()
     paused = serializers.BooleanField()
-    waiting = StrictCharField(allow_blank=True, help_text="why it is not advancing now")
+    waiting = serializers.CharField(allow_blank=True, help_text="why it is not advancing now")
     epoch = serializers.IntegerField(help_text="grows with every operator retry")
     version = serializers.IntegerField(help_text="grows with every transition")
     next_run_at = serializers.DateTimeField(
         allow_null=True, help_text="when a worker advances it; null: waits for a reply or person"
     )
-    lease_owner = StrictCharField(allow_blank=True, help_text="the worker holding it")
+    lease_owner = serializers.CharField(allow_blank=True, help_text="the worker holding it")
     lease_until = serializers.DateTimeField(allow_null=True)
     last_error = serializers.JSONField(allow_null=True)
     # DRF moves declared fields off the class: this does not hide Serializer.data.
@@ -441,15 +436,17 @@ class ActionRequestSerializer(KnownFieldsOnly):
 
 
 class ActionAnswerSerializer(serializers.Serializer):
-    action = StrictCharField()
-    saga_id = StrictCharField()
+    action = serializers.CharField()
+    saga_id = serializers.CharField()
     status = serializers.ChoiceField(
         choices=["done", "dispatched", "awaiting_approval"],
         help_text="done: the orchestrator carried it out; dispatched: a command is on its way "
         "to the owning service; awaiting_approval: a second operator must approve it (the "
         "two-person rule). Follow it at /api/v1/actions/{id}",
     )
-    command_id = StrictCharField(allow_blank=True, help_text='dispatched: the command; else ""')
+    command_id = serializers.CharField(
+        allow_blank=True, help_text='dispatched: the command; else ""'
+    )
     orchestrated = serializers.BooleanField()
     version = serializers.IntegerField(help_text="the saga's version after the action")
     id = serializers.IntegerField(help_text="the action's id: GET /api/v1/actions/{id}")
@@ -459,13 +456,13 @@ class ActionAnswerSerializer(serializers.Serializer):
 
 
 class AvailabilitySerializer(serializers.Serializer):
-    name = StrictCharField()
+    name = serializers.CharField()
     # DRF moves declared fields off the class: this does not hide Field.label.
-    label = StrictCharField()  # type: ignore[assignment]
+    label = serializers.CharField()  # type: ignore[assignment]
     allowed = serializers.BooleanField(help_text="may you run it on this saga now?")
-    reason = StrictCharField(allow_blank=True, help_text='why not; "" when allowed')
+    reason = serializers.CharField(allow_blank=True, help_text='why not; "" when allowed')
     needs_step = serializers.BooleanField()
-    step = StrictCharField(allow_blank=True, help_text="the step it would act on")
+    step = serializers.CharField(allow_blank=True, help_text="the step it would act on")
 
 
 class OperatorActionSerializer(serializers.ModelSerializer):
@@ -504,7 +501,7 @@ class OperatorActionSerializer(serializers.ModelSerializer):
 
 
 class SagaActionsSerializer(serializers.Serializer):
-    saga_id = StrictCharField()
+    saga_id = serializers.CharField()
     version = serializers.IntegerField(help_text="send it as expected_version")
     available = AvailabilitySerializer(many=True, help_text="every action, for you, now")
     history = OperatorActionSerializer(many=True, help_text="past actions, newest first")

@@ -38,6 +38,8 @@ async def call(
     if key:
         headers["authorization"] = f"Bearer {key}"
     status, head, answer = await asgi_post(endpoint, "/api/v1/events", raw, headers, method=method)
+    # every answer carries its length (no chunked encoding: one body write, one client read)
+    assert head["content-length"] == str(len(answer))
     return status, head, json.loads(answer)
 
 

@@ -326,6 +326,8 @@ class IngestEndpoint:
                 "status": reply.status,
                 "headers": [
                     (b"content-type", reply.content_type.encode()),
+                    # a length, not chunks: one body write, and the client reads it at once
+                    (b"content-length", b"%d" % len(reply.body)),
                     *((k.lower().encode(), v.encode()) for k, v in reply.headers.items()),
                 ],
             }

@@ -474,6 +474,9 @@ def _django_setup(dsn: str) -> None:
     import django
 
     django.setup()
+    from sagaadmin.gc_tuning import gc_tune
+
+    gc_tune()  # as the ASGI server process does once it has loaded (sagaadmin/asgi.py)
 
 
 @contextlib.contextmanager

@@ -91,7 +91,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -960,15 +959,16 @@ def run_phases(args: argparse.Namespace, dsn: str, url: str, env: dict[str, str]
     from django.db import connections
 
     from outbox.transports.rabbitmq import RabbitMQTransport
+    from sagaadmin.gc_tuning import gc_tune
 
     me = {"client": {os.getpid()}}  # the relaying process: this one
     batch = run.batch_size
     print(f"generating {args.messages:,} messages ...", flush=True)
     messages = make_messages(args.messages)
-    # The relay runs in this process: keep the bench's own objects out of its
-    # garbage collections (a run_relay process does not hold 200,000 messages).
-    gc.collect()
-    gc.freeze()
+    # The relay runs in this process: tune the collector as run_relay does (ADR 0017),
+    # which also keeps the bench's own objects out of its garbage collections (a
+    # run_relay process does not hold 200,000 messages).
+    gc_tune()
     results = run.results
 
     def add(result: Result) -> None:

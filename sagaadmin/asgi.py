@@ -16,6 +16,7 @@ django_app = get_asgi_application()
 from django.conf import settings  # noqa: E402
 
 from sagaadmin.bodylimit import BodyLimitMiddleware  # noqa: E402
+from sagaadmin.gc_tuning import gc_tune  # noqa: E402
 from tracking.api.fastpath import IngestRouter  # noqa: E402
 from tracking.routing import websocket_urlpatterns  # noqa: E402
 
@@ -34,3 +35,4 @@ application = BodyLimitMiddleware(
     limit=settings.SAGAADMIN["INGEST_MAX_BODY_BYTES"],
     prefixes=("/api/", "/v1/"),
 )
+gc_tune()  # last: everything above lives as long as the process (ADR 0017)

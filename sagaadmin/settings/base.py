@@ -13,6 +13,8 @@ from pathlib import Path
 
 import environ
 
+from sagaadmin.gc_tuning import threshold_parse
+
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = Path(environ.Env().str("SAGAADMIN_VAR_DIR", default=str(BASE_DIR / "var")))
 
@@ -305,6 +307,15 @@ SAGAADMIN = {
     # and to anyone sending "Authorization: Bearer <METRICS_TOKEN>" when it is set.
     "METRICS_ALLOW": env.list("SAGAADMIN_METRICS_ALLOW", default=["127.0.0.1/32", "::1/128"]),
     "METRICS_TOKEN": env.str("SAGAADMIN_METRICS_TOKEN", default=""),
+    # The garbage collector of the server and worker processes (ADR 0017): the
+    # thresholds of gc.set_threshold ("" keeps Python's), and whether the objects
+    # alive after start-up are frozen out of its passes.
+    "GC_THRESHOLD": (
+        threshold_parse(_gc_threshold)
+        if (_gc_threshold := env.str("SAGAADMIN_GC_THRESHOLD", default="50000,20,10").strip())
+        else None
+    ),
+    "GC_FREEZE": env.bool("SAGAADMIN_GC_FREEZE", default=True),
 }
 
 LOGGING = {

@@ -12,6 +12,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from orchestrator.worker import Worker
+from sagaadmin.gc_tuning import gc_tune
 
 
 class Command(BaseCommand):
@@ -22,6 +23,7 @@ class Command(BaseCommand):
         parser.add_argument("--name", default=None, help="worker name (default host:pid:random)")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        gc_tune()
         worker = Worker(owner=options["name"])
         if options["drain"]:
             self.stdout.write(f"orchestrator: {worker.drain()} transitions")

@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from outbox.relay import Relay
 from outbox.transports import transport_from_url
+from sagaadmin.gc_tuning import gc_tune
 
 
 class Command(BaseCommand):
@@ -23,6 +24,7 @@ class Command(BaseCommand):
         parser.add_argument("--broker-url", default=None, help="default: the BROKER_URL setting")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        gc_tune()
         url = options["broker_url"] or settings.BROKER_URL
         transport = transport_from_url(url)
         relay = Relay(transport)

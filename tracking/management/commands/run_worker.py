@@ -32,6 +32,7 @@ from outbox.maintenance import published_delete
 from outbox.relay import Relay
 from outbox.transports import transport_from_url
 from outbox.transports.inprocess import subscribed
+from sagaadmin.gc_tuning import gc_tune
 from tracking.bulk_actions import bulk_loop
 from tracking.detector import detect_loop
 from tracking.rollups import rollup_compact
@@ -46,6 +47,7 @@ class Command(BaseCommand):
         parser.add_argument("--housekeeping-seconds", type=float, default=60.0)
 
     def handle(self, *args: Any, **options: Any) -> None:
+        gc_tune()
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

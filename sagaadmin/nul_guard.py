@@ -3,8 +3,9 @@
 PostgreSQL stores no NUL (U+0000) in a text value: a query that binds one fails with
 a DataError, which would be a 500. A NUL can come in the path (a saga id), the query
 string, a cookie, form fields or a JSON body; this middleware answers 400 instead,
-naming where it was (problem+json under ``/api/``). Telemetry ingest has its own check
-(``tracking.protocol``) on the ASGI fast path, which does not pass through here.
+naming where it was (problem+json under ``/api/``). Telemetry ingest bodies are left to
+ingest's own check (``tracking.protocol``), which rejects only the event holding the NUL
+and stores the others, on the ASGI fast path and through the Django views alike.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from collections.abc import Callable
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 
 from sagaadmin.problems import problem_response
+from tracking.api.fastpath import OTLP_PATHS, PATH
 from tracking.protocol import nul_path
+
+INGEST_PATHS = frozenset({PATH, *OTLP_PATHS})  # bodies checked per event by ingest
 
 NUL = "\x00"
 
@@ -31,7 +35,11 @@ def _where(request: HttpRequest) -> str | None:
     for name, value in pairs:
         if NUL in name or NUL in str(value):
             return name.replace(NUL, "")
-    if content_type.endswith("json") and request.method not in ("GET", "HEAD"):
+    if (
+        content_type.endswith("json")
+        and request.method not in ("GET", "HEAD")
+        and request.path not in INGEST_PATHS
+    ):
         body = request.body
         if b"\\u0000" in body:  # JSON writes NUL as \u0000: rare, then look
             try:

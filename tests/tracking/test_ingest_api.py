@@ -190,6 +190,17 @@ def test_a_bad_event_is_rejected_naming_the_field_and_the_good_ones_stored(
     }
 
 
+def test_a_nul_in_one_event_rejects_that_event_only(api, make_event) -> None:
+    # the Django view (no ASGI fast path) answers as the fast path does
+    good, bad = make_event("saga.started"), {**make_event("step.started"), "payload": {}}
+    bad["payload"] = {"note": "x\u0000y"}
+    response = api.batch([good, bad])
+    assert response.status_code == 200
+    assert [r["status"] for r in response.json()["results"]] == ["accepted", "rejected"]
+    assert _field_errors(response, 1) == ["payload.note"]
+    assert list(TelemetryEvent.objects.values_list("event_id", flat=True)) == [good["id"]]
+
+
 def test_the_unsupported_version_error_names_the_supported_ones(api, make_event) -> None:
     response = api.post(make_event(version=3))
     assert response.status_code == 422

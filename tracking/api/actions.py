@@ -25,8 +25,6 @@ status, the field in ``errors`` and ``current_version`` on a stale version.
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import reverse
@@ -53,19 +51,14 @@ from tracking.api.serializers import (
     ActionRequestSerializer,
     AuditEntrySerializer,
     OperatorActionSerializer,
-    ProblemSerializer,
     SagaActionsSerializer,
+    problem_responses,
 )
 from tracking.audit import AuditFilter, audit_export, audit_list
 from tracking.models import ActionStatus, OperatorAction, Saga
 from tracking.selectors import InvalidFilter
 
-PROBLEM = "application/problem+json"
 HISTORY_MAX = 100  # past actions shown with a saga's actions
-
-
-def _problems(*statuses: int) -> dict[Any, Any]:
-    return {(status, PROBLEM): ProblemSerializer for status in statuses}
 
 
 _SLUGS = {400: "invalid-parameters", 403: "forbidden", 404: "not-found", 409: "conflict"}
@@ -121,7 +114,7 @@ class SagaActionView(APIView):
         responses={
             200: ActionAnswerSerializer,
             202: ActionAnswerSerializer,
-            **_problems(400, 403, 404, 409),
+            **problem_responses(400, 403, 404, 409),
         },
     )
     def post(self, request: Request, saga_id: str, action: str) -> Response | HttpResponse:
@@ -164,7 +157,7 @@ class SagaActionListView(APIView):
         description=f"`available`: every action with its verdict for you (why not, when "
         f"not). `history`: the saga's last {HISTORY_MAX} actions, refusals included, "
         "newest first, with their progress.",
-        responses={200: SagaActionsSerializer, **_problems(404)},
+        responses={200: SagaActionsSerializer, **problem_responses(404)},
     )
     def get(self, request: Request, saga_id: str) -> Response:
         saga = Saga.objects.filter(saga_id=saga_id, event_count__gt=0).first()
@@ -187,7 +180,7 @@ class ActionDetailView(APIView):
         description="`status`: requested → dispatched → acknowledged → done or failed "
         "(or timed_out when the service did not answer in time); done at once for "
         "orchestrated sagas; refused with `error` naming why.",
-        responses={200: OperatorActionSerializer, **_problems(404)},
+        responses={200: OperatorActionSerializer, **problem_responses(404)},
     )
     def get(self, request: Request, action_id: int) -> Response:
         record = OperatorAction.objects.filter(pk=action_id).first()
@@ -243,7 +236,7 @@ class AuditListView(APIView):
             (200, "application/jsonl"): OpenApiResponse(
                 OpenApiTypes.STR, description="format=jsonl: one entry (as in results) per line"
             ),
-            **_problems(400),
+            **problem_responses(400),
         },
     )
     def get(self, request: Request) -> Response | StreamingHttpResponse:

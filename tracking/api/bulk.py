@@ -28,8 +28,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from tracking.actions import ActionError, action_approve, action_reject
-from tracking.api.actions import _problems, action_refused
-from tracking.api.serializers import KnownFieldsOnly, StrictCharField
+from tracking.api.actions import action_refused
+from tracking.api.serializers import KnownFieldsOnly, StrictCharField, problem_responses
 from tracking.bulk_actions import bulk_approve, bulk_cancel, bulk_preview, bulk_start
 from tracking.models import BulkJob
 from tracking.selectors import InvalidFilter
@@ -107,7 +107,7 @@ class BulkPreviewView(APIView):
                 "BulkPreview",
                 {"count": serializers.IntegerField(), "sample": serializers.ListField()},
             ),
-            **_problems(400),
+            **problem_responses(400),
         },
     )
     def post(self, request: Request) -> Response | HttpResponse:
@@ -129,7 +129,7 @@ class BulkJobListView(APIView):
         description="202 with the job; its progress at `Location`. 409 `expected_count` "
         "(with `current_count`) when the filter matches another number now.",
         request=StartRequest,
-        responses={202: BulkJobSerializer, **_problems(400, 403, 404, 409)},
+        responses={202: BulkJobSerializer, **problem_responses(400, 403, 404, 409)},
     )
     def post(self, request: Request) -> Response | HttpResponse:
         body = StartRequest(data=request.data)
@@ -154,7 +154,7 @@ class BulkJobView(APIView):
     @extend_schema(
         operation_id="bulk_actions_retrieve",
         summary="A bulk job's progress and per-saga results",
-        responses={200: BulkJobSerializer, **_problems(404)},
+        responses={200: BulkJobSerializer, **problem_responses(404)},
     )
     def get(self, request: Request, job_id: int) -> Response:
         job = BulkJob.objects.filter(pk=job_id).first()
@@ -168,7 +168,7 @@ class BulkJobCancelView(APIView):
         operation_id="bulk_actions_cancel",
         summary="Stop a bulk job: sagas not dispatched yet are left alone",
         request=None,
-        responses={200: BulkJobSerializer, **_problems(403, 404, 409)},
+        responses={200: BulkJobSerializer, **problem_responses(403, 404, 409)},
     )
     def post(self, request: Request, job_id: int) -> Response | HttpResponse:
         try:
@@ -185,7 +185,7 @@ class BulkJobApproveView(APIView):
         operation_id="bulk_actions_approve",
         summary="The two-person rule: a second operator lets a big job run",
         request=None,
-        responses={200: BulkJobSerializer, **_problems(403, 404, 409)},
+        responses={200: BulkJobSerializer, **problem_responses(403, 404, 409)},
     )
     def post(self, request: Request, job_id: int) -> Response | HttpResponse:
         try:
@@ -202,7 +202,7 @@ class ActionApproveView(APIView):
         operation_id="actions_approve",
         summary="The two-person rule: approve an action waiting for a second operator",
         request=None,
-        responses={200: inline_serializer("Approved", {}), **_problems(403, 404, 409)},
+        responses={200: inline_serializer("Approved", {}), **problem_responses(403, 404, 409)},
     )
     def post(self, request: Request, action_id: int) -> Response | HttpResponse:
         try:
@@ -218,7 +218,7 @@ class ActionRejectView(APIView):
         operation_id="actions_reject",
         summary="The two-person rule: turn down an action waiting for a second operator",
         request=NoteRequest,
-        responses={200: inline_serializer("Rejected", {}), **_problems(400, 403, 404, 409)},
+        responses={200: inline_serializer("Rejected", {}), **problem_responses(400, 403, 404, 409)},
     )
     def post(self, request: Request, action_id: int) -> Response | HttpResponse:
         body = NoteRequest(data=request.data)

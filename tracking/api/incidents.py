@@ -31,20 +31,14 @@ from tracking.api.serializers import (
     IncidentAcknowledgeSerializer,
     IncidentResolveSerializer,
     IncidentSerializer,
-    ProblemSerializer,
     SagaTypeSerializer,
     SagaTypeUpdateSerializer,
+    problem_responses,
 )
 from tracking.incidents import IncidentRefused, incident_acknowledge, incident_resolve
 from tracking.models import Incident, IncidentKind, SagaType
 from tracking.policy import InvalidThreshold, Policy, policy_load, saga_type_update
 from tracking.selectors import INCIDENT_STATES, InvalidFilter, incident_list
-
-PROBLEM = "application/problem+json"
-
-
-def _problems(*statuses: int) -> dict[Any, Any]:
-    return {(status, PROBLEM): ProblemSerializer for status in statuses}
 
 
 def _username(request: Request) -> str:
@@ -106,7 +100,7 @@ class IncidentListView(APIView):
                     "next_cursor": serializers.CharField(allow_null=True),
                 },
             ),
-            **_problems(400),
+            **problem_responses(400),
         },
     )
     def get(self, request: Request) -> Response:
@@ -134,7 +128,7 @@ class IncidentDetailView(APIView):
     @extend_schema(
         operation_id="incidents_retrieve",
         summary="One incident",
-        responses={200: IncidentSerializer, **_problems(404)},
+        responses={200: IncidentSerializer, **problem_responses(404)},
     )
     def get(self, request: Request, incident_id: int) -> Response:
         return Response(_incident_body(request, _incident_get(incident_id)))
@@ -148,7 +142,7 @@ class IncidentAcknowledgeView(APIView):
         summary="Acknowledge an incident (operators and admins)",
         description="Idempotent while acknowledged; 409 once resolved.",
         request=IncidentAcknowledgeSerializer,
-        responses={200: IncidentSerializer, **_problems(400, 403, 404, 409)},
+        responses={200: IncidentSerializer, **problem_responses(400, 403, 404, 409)},
     )
     def post(self, request: Request, incident_id: int) -> Response | HttpResponse:
         body = IncidentAcknowledgeSerializer(data=request.data)
@@ -175,7 +169,7 @@ class IncidentResolveView(APIView):
         description="409 when it is resolved already. The detector does not reopen it "
         "on the same evidence.",
         request=IncidentResolveSerializer,
-        responses={200: IncidentSerializer, **_problems(400, 403, 404, 409)},
+        responses={200: IncidentSerializer, **problem_responses(400, 403, 404, 409)},
     )
     def post(self, request: Request, incident_id: int) -> Response | HttpResponse:
         body = IncidentResolveSerializer(data=request.data)
@@ -294,7 +288,7 @@ class SagaTypeDetailView(APIView):
     @extend_schema(
         operation_id="saga_types_retrieve",
         summary="One saga type with its thresholds and learned step durations",
-        responses={200: SagaTypeSerializer, **_problems(404)},
+        responses={200: SagaTypeSerializer, **problem_responses(404)},
     )
     def get(self, request: Request, name: str) -> Response:
         row = _saga_type_get(name)
@@ -307,7 +301,7 @@ class SagaTypeDetailView(APIView):
         "`step_thresholds` replaces the whole map. The type's unfinished sagas are "
         "checked again on the detector's next pass.",
         request=SagaTypeUpdateSerializer,
-        responses={200: SagaTypeSerializer, **_problems(400, 403, 404)},
+        responses={200: SagaTypeSerializer, **problem_responses(400, 403, 404)},
     )
     def patch(self, request: Request, name: str) -> Response:
         if not isinstance(request.data, dict):

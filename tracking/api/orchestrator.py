@@ -39,16 +39,14 @@ from orchestrator.models import RunStatus, SagaRun, StepRun
 from tracking.api.auth import IsPerson
 from tracking.api.serializers import (
     CircuitSerializer,
-    ProblemSerializer,
     RunStateSerializer,
     SagaDefinitionSerializer,
     SagaStartSerializer,
+    problem_responses,
 )
 from tracking.models import Saga
 from tracking.protocol import redacted
 from tracking.roles import can_start_sagas
-
-PROBLEM = "application/problem+json"
 
 # -- the run state, as the API and the dashboard show it -------------------------------
 
@@ -223,10 +221,6 @@ def orchestrated_saga_start(*, saga_type: str, saga_id: str, data: Any) -> Start
 # -- the API ---------------------------------------------------------------------------
 
 
-def _problems(*statuses: int) -> dict[Any, Any]:
-    return {(status, PROBLEM): ProblemSerializer for status in statuses}
-
-
 class CanStartSagasOrReadOnly(permissions.BasePermission):
     """Anyone allowed in may read; only admins start sagas."""
 
@@ -259,7 +253,7 @@ class SagaStartView(APIView):
         "existed already (of the same type; another type is a 400 naming `saga_id`). "
         "A worker takes it up at once.",
         request=SagaStartSerializer,
-        responses={201: RunStateSerializer, 200: RunStateSerializer, **_problems(400, 403)},
+        responses={201: RunStateSerializer, 200: RunStateSerializer, **problem_responses(400, 403)},
     )
     def post(self, request: Request) -> Response | HttpResponse:
         given = SagaStartSerializer(data=request.data)
@@ -283,7 +277,7 @@ class RunDetailView(APIView):
     @extend_schema(
         operation_id="orchestrator_sagas_retrieve",
         summary="An orchestrated saga's run state and its steps'",
-        responses={200: RunStateSerializer, **_problems(404)},
+        responses={200: RunStateSerializer, **problem_responses(404)},
     )
     def get(self, request: Request, saga_id: str) -> Response:
         state = run_state_get(saga_id=saga_id)

@@ -13,6 +13,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from orchestrator.models import Circuit
+from sagaadmin.problems import PROBLEM_CONTENT_TYPE
 from tracking.incidents import NOTE_MAX
 from tracking.models import AuditEntry, Incident, OperatorAction, Saga, Step, TelemetryEvent
 from tracking.protocol import redacted
@@ -152,6 +153,11 @@ class ProblemSerializer(serializers.Serializer):
     detail = serializers.CharField()
     # DRF moves declared fields off the class: this does not hide Serializer.errors.
     errors = ProblemFieldErrorSerializer(many=True, required=False)  # type: ignore[assignment]
+
+
+def problem_responses(*statuses: int) -> dict[Any, Any]:
+    """``extend_schema(responses=...)`` entries: these statuses answer problem+json."""
+    return {(status, PROBLEM_CONTENT_TYPE): ProblemSerializer for status in statuses}
 
 
 class _StoredDateTimeField(serializers.DateTimeField):

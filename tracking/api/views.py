@@ -13,9 +13,9 @@ from rest_framework.views import APIView
 
 from tracking.api.serializers import (
     EventSerializer,
-    ProblemSerializer,
     SagaDetailSerializer,
     SagaSerializer,
+    problem_responses,
 )
 from tracking.selectors import (
     SORTS,
@@ -42,9 +42,6 @@ _LIST_PARAMS = [
 ]
 
 
-PROBLEM = "application/problem+json"
-
-
 def _invalid(exc: InvalidFilter) -> ValidationError:
     return ValidationError({exc.field: [exc.message]})
 
@@ -61,7 +58,7 @@ class SagaListView(APIView):
                     "next_cursor": serializers.CharField(allow_null=True),
                 },
             ),
-            (400, PROBLEM): ProblemSerializer,
+            **problem_responses(400),
         },
     )
     def get(self, request: Request) -> Response:
@@ -85,7 +82,7 @@ class SagaListView(APIView):
 
 
 class SagaDetailView(APIView):
-    @extend_schema(responses={200: SagaDetailSerializer, (404, PROBLEM): ProblemSerializer})
+    @extend_schema(responses={200: SagaDetailSerializer, **problem_responses(404)})
     def get(self, request: Request, saga_id: str) -> Response:
         saga = saga_get(saga_id=saga_id)
         if saga is None:
@@ -97,7 +94,7 @@ class SagaEventsView(APIView):
     @extend_schema(
         responses={
             200: inline_serializer("SagaEvents", {"results": EventSerializer(many=True)}),
-            (404, PROBLEM): ProblemSerializer,
+            **problem_responses(404),
         }
     )
     def get(self, request: Request, saga_id: str) -> Response:

@@ -100,7 +100,7 @@ class SagaFilter:
             statuses=statuses,
             service=params.get("service", ""),
             step=params.get("step", ""),
-            flag=params.get("flag", ""),
+            flag=flag,
             saga_id_prefix=params.get("saga_id", ""),
             started_after=filter_time(params, "started_after"),
             started_before=filter_time(params, "started_before"),

@@ -20,7 +20,7 @@ from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
-from django.http import Http404, HttpRequest, HttpResponse, QueryDict
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, QueryDict
 from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
 from django.urls import Resolver404, resolve, reverse
@@ -252,13 +252,10 @@ def saga_news_view(request: HttpRequest) -> HttpResponse:
             fields=("saga_id",),
         )
     except InvalidFilter as exc:
-        return HttpResponse(
-            json.dumps({"ids": [], "error": {"field": exc.field, "message": exc.message}}),
-            status=400,
-            content_type="application/json",
+        return JsonResponse(
+            {"ids": [], "error": {"field": exc.field, "message": exc.message}}, status=400
         )
-    news = [s.saga_id for s in page.sagas if s.saga_id in ids]
-    return HttpResponse(json.dumps({"ids": news}), content_type="application/json")
+    return JsonResponse({"ids": [s.saga_id for s in page.sagas if s.saga_id in ids]})
 
 
 # The detail page shows this many events, all of them with ?events=all.

@@ -242,6 +242,26 @@ def test_the_schema_documents_ingest_from_its_validator_and_is_valid_openapi(use
     assert "400" in schema["paths"]["/api/v1/sagas"]["get"]["responses"]
 
 
+def test_the_ingest_schema_states_the_configured_limits(user_client, settings) -> None:
+    settings.SAGAADMIN = {
+        **settings.SAGAADMIN,
+        "INGEST_MAX_EVENTS": 250,
+        "INGEST_MAX_BODY_BYTES": 2048,
+        "OTLP_MAX_BYTES": 4096,
+        "OTLP_MAX_SPANS": 30,
+    }
+    paths = user_client.get("/api/v1/schema?format=json").json()["paths"]
+    post = paths["/api/v1/events"]["post"]
+    batch = post["requestBody"]["content"]["application/json"]["schema"]["oneOf"][1]
+    assert batch["properties"]["events"]["maxItems"] == 250
+    assert (
+        post["responses"]["413"]["description"] == "more than 2,048 bytes, or more than 250 events"
+    )
+    otlp = paths["/v1/traces"]["post"]["responses"]["413"]["description"]
+    assert otlp.startswith("more than 2,048 bytes as sent, more than 4,096 decompressed")
+    assert "more than 30 spans" in otlp
+
+
 def test_an_unknown_saga_is_a_not_found_problem(user_client) -> None:
     for url in ("/api/v1/sagas/nope", "/api/v1/sagas/nope/events"):
         response = user_client.get(url)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from django.conf import settings
 
 from sagaadmin.problems import PROBLEM_CONTENT_TYPE
 from tracking.protocol import EventV1
@@ -97,17 +98,19 @@ def ingest_paths(result: dict[str, Any], generator: Any, request: Any, public: b
         "scheme": "bearer",
         "description": "a service key (manage.py create_service_key, or the Services page)",
     }
+    most_events = settings.SAGAADMIN["INGEST_MAX_EVENTS"]
+    most_bytes = settings.SAGAADMIN["INGEST_MAX_BODY_BYTES"]
     event = {"$ref": "#/components/schemas/EventV1"}
     batch = {
         "type": "object",
         "required": ["events"],
         "additionalProperties": False,
-        "properties": {"events": {"type": "array", "items": event, "maxItems": 1000}},
+        "properties": {"events": {"type": "array", "items": event, "maxItems": most_events}},
     }
     errors = {
         "400": _problem("the body is not JSON (or not UTF-8), or not an event or a batch"),
         "401": _problem("no key, or a revoked or unknown one"),
-        "413": _problem("more than 1 MiB, or more than 1,000 events"),
+        "413": _problem(f"more than {most_bytes:,} bytes, or more than {most_events:,} events"),
         "415": _problem("not application/json"),
         "429": _problem("ingest is behind: retry after Retry-After seconds; nothing stored"),
         "503": _problem("the database is unreachable: retry after Retry-After seconds"),
@@ -116,7 +119,7 @@ def ingest_paths(result: dict[str, Any], generator: Any, request: Any, public: b
     paths["/api/v1/events"] = {
         "post": {
             "operationId": "events_report",
-            "summary": "Report saga telemetry: one event, or a batch of up to 1,000",
+            "summary": f"Report saga telemetry: one event, or a batch of up to {most_events:,}",
             "description": (
                 "Protocol version 1 (docs/protocol.md: every field, every event type, the "
                 "error table). Each event is accepted, a duplicate (same service and id, "
@@ -148,8 +151,17 @@ def ingest_paths(result: dict[str, Any], generator: Any, request: Any, public: b
         "application/json": {"schema": {"type": "object"}},
         "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
     }
+    otlp_413 = (
+        f"more than {most_bytes:,} bytes as sent, more than "
+        f"{settings.SAGAADMIN['OTLP_MAX_BYTES']:,} decompressed, or more than "
+        f"{settings.SAGAADMIN['OTLP_MAX_SPANS']:,} spans"
+    )
     otlp_errors = {
-        code: {"description": answer["description"] + " (a google.rpc.Status)", "content": status}
+        code: {
+            "description": (otlp_413 if code == "413" else answer["description"])
+            + " (a google.rpc.Status)",
+            "content": status,
+        }
         for code, answer in errors.items()
     }
     otlp: dict[str, dict[str, Any]] = {

@@ -1,4 +1,5 @@
 import secrets
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -22,18 +23,17 @@ class Command(BaseCommand):
         if user is None:
             password = secrets.token_urlsafe(12)
             user_model.objects.create_superuser(username=username, email="", password=password)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(password + "\n")
-            path.chmod(0o600)
+            _keep(path, password)
             self.stdout.write(f"Created user '{username}'.")
             self.stdout.write(f"Log in as  {username} / {password}")
             return
-        for candidate in (path, path.parent / LEGACY):  # the shared file of earlier versions
+        # this database's file, then the shared file of earlier versions (one file for
+        # the embedded default)
+        for candidate in dict.fromkeys((path, path.parent / LEGACY)):
             kept = candidate.read_text().strip() if candidate.exists() else ""
             if kept and user.check_password(kept):
                 if candidate != path:  # this database's own file from now on
-                    path.write_text(kept + "\n")
-                    path.chmod(0o600)
+                    _keep(path, kept)
                 self.stdout.write(f"Log in as  {username} / {kept}")
                 return
         # Never reset a password behind the operator's back: say how to set one.
@@ -43,3 +43,10 @@ class Command(BaseCommand):
             f"or never kept in {path}: `.venv/bin/python manage.py changepassword "
             f"{username}` sets a new one)"
         )
+
+
+def _keep(path: Path, password: str) -> None:
+    """Write the password where only this user can read it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(password + "\n")
+    path.chmod(0o600)

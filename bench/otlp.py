@@ -181,20 +181,11 @@ def bodies_make(kind: str, requests: int, span_start: float, span_seconds: float
 class OtlpTask(ingest.PostTask):
     """POSTs pre-encoded export requests to the OTLP receiver over one keep-alive connection."""
 
-    def __init__(self, port: int, key: str, bodies: list[bytes], per_request: int) -> None:
-        super().__init__(port, key, bodies, per_request)
-        self.headers["Content-Type"] = PROTOBUF
+    path = OTLP_PATH
+    content_type = PROTOBUF
 
-    def step(self) -> int:
-        if self.next == len(self.bodies):
-            raise ingest.Exhausted
-        body = self.bodies[self.next]
-        self.next += 1
-        self.conn.request("POST", OTLP_PATH, body, self.headers)
-        response = self.conn.getresponse()
-        data = response.read()
-        otlp_answer_check(response.status, data)
-        return self.per_request
+    def answer_check(self, status: int, data: bytes) -> None:
+        otlp_answer_check(status, data)
 
 
 def otlp_answer_check(status: int, data: bytes) -> None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import transaction
 from django.test import Client
+from django.utils import timezone
 
 from tests.tracking.test_bulk_actions import failed_sagas
 from tracking.bulk_actions import bulk_work
+from tracking.ingest import events_ingest
+from tracking.keys import service_get_or_create
 from tracking.models import BulkJob, OperatorAction
 
 pytestmark = pytest.mark.django_db
@@ -146,3 +152,37 @@ def test_two_person_approvals(role_client: Any, settings: Any) -> None:
         post(second, f"/api/v1/bulk-actions/{big.json()['id']}/approve").json()["status"]
         == "running"
     )
+
+
+def test_attribute_filters_take_json_booleans_and_numbers(role_client: Any) -> None:
+    """``{"attr.vip": true}`` matches what ``?attr.vip=true`` matches on the list: the
+    reported boolean (or number), not the text."""
+    failed_sagas(3)
+    # before the saga's other events (a late report): folded first, the saga stays failed
+    vip = {"id": "attr-vip", "saga_id": "bulk-0", "type": "saga.started", "saga_type": "order"}
+    now = (timezone.now() - timedelta(minutes=1)).isoformat()
+    with transaction.atomic():
+        events_ingest(
+            service=service_get_or_create(name="payment"),
+            raws=[
+                json.dumps(
+                    {**vip, "occurred_at": now, "attributes": {"vip": True, "n": 7}}
+                ).encode()
+            ],
+        )
+    operator = role_client("operator")
+    for filters, count in (
+        ({"attr.vip": True}, 1),
+        ({"attr.vip": "true"}, 1),
+        ({"attr.vip": False}, 0),
+        ({"attr.n": 7}, 1),
+        ({"attr.n": "7"}, 1),
+        ({"attr.n": 7.5}, 0),
+    ):
+        preview = post(operator, "/api/v1/bulk-actions/preview", {"filters": filters})
+        assert preview.status_code == 200, (filters, preview.json())
+        assert preview.json()["count"] == count, filters
+    for bad in (None, [1], {"a": 1}):
+        refused = post(operator, "/api/v1/bulk-actions/preview", {"filters": {"attr.vip": bad}})
+        assert refused.status_code == 400, bad
+        assert refused.json()["errors"][0]["field"] == "filters.attr.vip"

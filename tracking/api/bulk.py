@@ -37,8 +37,19 @@ from tracking.selectors import InvalidFilter
 ITEMS_MAX = 1000  # per-saga results in one answer
 
 
+class FilterValueField(serializers.CharField):
+    """A filter's value: text, or a JSON number or boolean, taken as the list's query
+    string writes it (``42``, ``true``): ``attr.<key>`` matches the reported scalar
+    either way (``selectors._scalar``). Null, lists and objects are refused."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if isinstance(data, bool):
+            data = "true" if data else "false"
+        return str(super().to_internal_value(data))
+
+
 class FiltersField(serializers.DictField):
-    child = serializers.CharField(allow_blank=True, max_length=400)  # attr values: scalars
+    child = FilterValueField(allow_blank=True, max_length=400)
 
 
 class PreviewRequest(KnownFieldsOnly):

@@ -12,6 +12,7 @@ fragment uses the same functions, so a pushed row is identical to a rendered one
 from __future__ import annotations
 
 import pprint
+import re
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from functools import cache
@@ -26,6 +27,22 @@ from tracking.models import Saga, split_delimited
 from tracking.timeline import Timeline, format_duration
 
 DASH = "\u2013"  # an en dash, as the templates show for "none"
+_BREAK_AFTER = str.maketrans({c: f"{c}<wbr>" for c in "_.-/:"})
+_CAMEL_HUMP = re.compile(r"(?<=[a-z])(?=[A-Z])")  # entities (&lt; &#x27;) have no capitals
+
+
+def esc_breakable(text: str) -> str:
+    """``esc(text)`` with a line-break opportunity after each ``_ . - / :`` and before
+    each hump of camelCase: in a narrow column, ``reserve_inventory_for_order`` and
+    ``notifyCustomerByEmail`` wrap between their words instead of mid-word (the CSS
+    breaks inside a word only when one part alone is too wide)."""
+    return breaks_add(esc(text))
+
+
+def breaks_add(html: str) -> str:
+    """The line-break opportunities of :func:`esc_breakable`, in text already escaped
+    (no entity holds one of those characters or a capital letter)."""
+    return _CAMEL_HUMP.sub("<wbr>", html.translate(_BREAK_AFTER))
 
 
 @cache
@@ -111,10 +128,10 @@ def saga_row_html(saga: Saga, now: datetime) -> SafeString:
     return SafeString(
         f'<tr id="row-{saga.pk}" data-saga-id="{saga_id}" data-version="{saga.version}">'
         f'<td><a href="{esc(saga_detail_url(saga.saga_id))}">{saga_id}</a></td>'
-        f'<td data-label="Type">{esc(saga.saga_type) or DASH}</td>'
+        f'<td data-label="Type">{esc_breakable(saga.saga_type) or DASH}</td>'
         f'<td data-label="Status"><span class="status status-{esc(saga.status)}">'
         f"{esc(saga.status)}</span></td>"
-        f'<td data-label="Step">{esc(saga.current_step) or DASH}</td>'
+        f'<td data-label="Step">{esc_breakable(saga.current_step) or DASH}</td>'
         f'<td data-label="Flags">{_flags_html(saga.flags, saga.open_incidents)}</td>'
         f'<td data-label="Started">{time_html(saga.started_at, now)}</td>'
         f'<td data-label="Last activity">{time_html(saga.last_event_at, now)}</td>'
@@ -187,8 +204,8 @@ def waterfall_html(timeline: Timeline) -> SafeString:
     for lane in timeline.lanes:
         waited = f" · waited {format_duration(lane.gap_before_ms)}" if lane.gap_before_ms else ""
         out.append(
-            f'<div class="lane"><div class="lane-name"><strong>{esc(lane.name)}</strong>'
-            f"<small>{esc(lane.service)} · {esc(lane.status)}{waited}</small></div>"
+            f'<div class="lane"><div class="lane-name"><strong>{esc_breakable(lane.name)}</strong>'
+            f"<small>{esc_breakable(lane.service)} · {esc(lane.status)}{waited}</small></div>"
             '<div class="lane-track">'
         )
         for bar in lane.bars:
@@ -201,8 +218,8 @@ def waterfall_html(timeline: Timeline) -> SafeString:
     for arrow in timeline.arrows:
         latency = format_duration(arrow.latency_ms)
         out.append(
-            f'<div class="lane"><div class="lane-name"><strong>{esc(arrow.source)} → '
-            f"{esc(arrow.target)}</strong><small>{esc(arrow.message)}</small></div>"
+            f'<div class="lane"><div class="lane-name"><strong>{esc_breakable(arrow.source)} → '
+            f"{esc_breakable(arrow.target)}</strong><small>{esc_breakable(arrow.message)}</small></div>"
             f'<div class="lane-track"><span class="arrow" style="left: {arrow.left}%; '
             f'width: {arrow.width}%" title="{esc(arrow.message)} ({esc(arrow.message_id)}) '
             f'{latency}">{esc(arrow.message)} → {latency}</span></div></div>'

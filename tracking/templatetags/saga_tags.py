@@ -4,8 +4,9 @@ from datetime import datetime
 from typing import Any
 
 from django import template
+from django.utils.safestring import SafeData, SafeString
 
-from tracking.fragments import DASH
+from tracking.fragments import DASH, breaks_add, esc_breakable
 from tracking.roles import user_role
 from tracking.timeline import format_duration
 
@@ -23,6 +24,16 @@ def elapsed(since: datetime | None, now: datetime) -> str:
     if since is None:
         return DASH
     return format_duration(max((now - since).total_seconds(), 0) * 1000)
+
+
+@register.filter(is_safe=True)
+def breakable(text: Any) -> SafeString:
+    """Escaped, with line-break opportunities between the words of a step or type name
+    (``fragments.esc_breakable``): a long name wraps in its column, it does not spill
+    into the next one."""
+    if isinstance(text, SafeData):  # escaped already (e.g. by ``join``)
+        return SafeString(breaks_add(str(text)))
+    return SafeString(esc_breakable(str(text)))
 
 
 @register.filter

@@ -54,6 +54,18 @@ ORDER BY o.seq
 LIMIT %(limit)s
 FOR UPDATE OF o SKIP LOCKED
 """  # noqa: S608 - constant SQL
+# The claim's snapshot is taken before its advisory locks: a relay that held a key and
+# scheduled its head for a retry may commit in between, unseen by NOT EXISTS above. Run
+# after the claim (a new snapshot, taken once this relay holds the keys, so after any
+# earlier holder committed), it names the claimed rows that must wait after all.
+_HELD_BACK_POSTGRES = """
+SELECT o.seq FROM outbox_outboxmessage o
+WHERE o.seq = ANY(%(seqs)s)
+  AND EXISTS (
+      SELECT 1 FROM outbox_outboxmessage b
+      WHERE b.status = 'pending' AND b.aggregatetype = o.aggregatetype
+        AND b.aggregateid = o.aggregateid AND b.seq < o.seq AND b.available_at > %(now)s)
+"""
 _RELAY_LOCK_SPACE = 0x5A6A_0002  # two-int advisory keys: (this, hash of topic/key)
 # SQLite has one writer at a time (BEGIN IMMEDIATE): commit order is sequence order.
 _CLAIM_SQLITE = f"""
@@ -150,12 +162,22 @@ class Relay:
             return self._mark([row[0] for row in rows], results, timezone.now(), set(unknown))
 
     def _claim(self, now: datetime) -> list[tuple[Any, ...]]:
-        sql = _CLAIM_POSTGRES if connection.vendor == "postgresql" else _CLAIM_SQLITE
+        if connection.vendor != "postgresql":  # one writer at a time: no race to close
+            with connection.cursor() as cursor:
+                cursor.execute(_CLAIM_SQLITE, {"now": now, "limit": self.cfg.batch_size})
+                return list(cursor.fetchall())
         with connection.cursor() as cursor:
             cursor.execute(
-                sql, {"now": now, "limit": self.cfg.batch_size, "lock_space": _RELAY_LOCK_SPACE}
+                _CLAIM_POSTGRES,
+                {"now": now, "limit": self.cfg.batch_size, "lock_space": _RELAY_LOCK_SPACE},
             )
-            return list(cursor.fetchall())
+            rows = list(cursor.fetchall())
+            if not rows:
+                return rows
+            cursor.execute(_HELD_BACK_POSTGRES, {"seqs": [row[0] for row in rows], "now": now})
+            held = {seq for (seq,) in cursor.fetchall()}
+        # left locked and unchanged until this transaction ends; claimed again once due
+        return [row for row in rows if row[0] not in held] if held else rows
 
     def _mark(
         self,

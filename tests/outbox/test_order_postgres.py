@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 from django.db import connection, connections, transaction
+from django.utils import timezone
 
 import outbox
 from outbox.models import OutboxMessage
@@ -150,3 +151,71 @@ def test_eight_unserialised_writers_and_two_relays_keep_each_keys_commit_order(r
     for m in received:
         seen[m.key].append(str(m.id))
     assert seen == expected
+
+
+def test_a_claim_that_began_before_another_relay_scheduled_a_retry_holds_the_key_back(
+    received,
+) -> None:
+    """The race between two relays: A claimed key k's head and is about to schedule it
+    for a retry; B's claim statement began before A committed (its snapshot shows the
+    head as due) and takes k's advisory lock after A committed. B must not send k's next
+    message ahead of the head's retry.
+
+    A ``hashtext`` earlier on B's search path sleeps on k's lock key, so A's commit
+    lands inside B's claim statement every time."""
+    slow = RelaySettings(batch_size=20, max_attempts=5, backoff_base=60, backoff_max=60)
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE SCHEMA test_hook")
+        cursor.execute(
+            "CREATE FUNCTION test_hook.hashtext(t text) RETURNS integer LANGUAGE plpgsql AS $$"
+            " BEGIN IF t = 'accounts/k' THEN PERFORM pg_sleep(0.5); END IF;"
+            " RETURN pg_catalog.hashtext(t); END $$"
+        )
+    with transaction.atomic():
+        head = outbox.publish(topic="accounts", key="k", type="credited", payload={"n": 1})
+    claimed, release, done = threading.Event(), threading.Event(), threading.Event()
+    b_got: list[int] = []
+
+    def relay_a() -> None:  # claims the head, then (on cue) schedules its retry and commits
+        try:
+            relay = Relay(InProcessTransport(), slow)
+            with transaction.atomic():
+                now = timezone.now()
+                rows = relay._claim(now)
+                assert [r[1] for r in rows] == [head.message_id]
+                claimed.set()
+                release.wait(10)
+                relay._mark([rows[0][0]], [ConnectionError("broker hiccup")], now)
+        finally:
+            done.set()
+            connections.close_all()
+
+    def relay_b() -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("SET LOCAL search_path = test_hook, pg_catalog, public")
+                b_got.append(Relay(InProcessTransport(), slow).run_once().published)
+        finally:
+            connections.close_all()
+
+    a = threading.Thread(target=relay_a)
+    a.start()
+    try:
+        assert claimed.wait(10)
+        with transaction.atomic():  # k's next message, committed after A's claim
+            outbox.publish(topic="accounts", key="k", type="credited", payload={"n": 2})
+        b = threading.Thread(target=relay_b)
+        b.start()
+        time.sleep(0.25)  # B's statement has its snapshot and sleeps on k's lock key
+        release.set()
+        assert done.wait(10)
+        b.join(10)
+        a.join(10)
+    finally:
+        release.set()
+        with connection.cursor() as cursor:
+            cursor.execute("DROP SCHEMA test_hook CASCADE")
+    assert b_got == [0]
+    assert received == []  # nothing of k went out while its head waits for the retry
+    rows = OutboxMessage.objects.order_by("seq").values_list("payload", "status", "attempts")
+    assert list(rows) == [('{"n":1}', "pending", 1), ('{"n":2}', "pending", 0)]

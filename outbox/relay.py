@@ -88,6 +88,7 @@ class RelaySettings:
     backoff_base: float = 1.0  # seconds before the first retry
     backoff_max: float = 300.0
     poll_seconds: float = 1.0
+    loops: int = 1  # claim loops side by side in run() (RELAY_LOOPS)
 
     @classmethod
     def from_settings(cls) -> RelaySettings:
@@ -98,6 +99,7 @@ class RelaySettings:
             backoff_base=cfg["BACKOFF_BASE_SECONDS"],
             backoff_max=cfg["BACKOFF_MAX_SECONDS"],
             poll_seconds=cfg["POLL_SECONDS"],
+            loops=cfg.get("RELAY_LOOPS", 1),
         )
 
 
@@ -243,8 +245,43 @@ class Relay:
             if result.claimed == 0 or result.published == 0:
                 return total
 
+    def loops(self) -> int:
+        """How many claim loops :meth:`run` runs side by side: ``cfg.loops`` on PostgreSQL
+        (two relays never send one key's messages side by side: the claim's advisory
+        locks), with a transport whose ``publish`` may be called from two threads at once
+        (``concurrent_publish``); else 1 (SQLite has one writer at a time)."""
+        if connection.vendor != "postgresql":
+            return 1
+        if not getattr(self.transport, "concurrent_publish", False):
+            return 1
+        return max(1, self.cfg.loops)
+
     def run(self, stop: threading.Event) -> None:
-        """Publish until ``stop`` is set; between batches wait for NOTIFY or the poll interval."""
+        """Publish until ``stop`` is set, with :meth:`loops` claim loops side by side: while
+        one waits for the broker's confirms, another claims and sends the next batch.
+        Each loop finishes the batch in flight before it returns."""
+        extra = [
+            threading.Thread(target=self._run_loop_closing, args=(stop,), name=f"relay-{i}")
+            for i in range(1, self.loops())
+        ]
+        for thread in extra:
+            thread.start()
+        try:
+            self._run_loop(stop)
+        finally:
+            for thread in extra:
+                thread.join()
+
+    def _run_loop_closing(self, stop: threading.Event) -> None:
+        try:
+            self._run_loop(stop)
+        except Exception:  # logged; the other loops go on, the process is not stopped
+            log.exception("relay: a claim loop failed")
+        finally:
+            connection.close()  # this thread's
+
+    def _run_loop(self, stop: threading.Event) -> None:
+        """One claim loop: between batches wait for NOTIFY or the poll interval."""
         listener = _Listener() if connection.vendor == "postgresql" else None
         try:
             while not stop.is_set():

@@ -222,6 +222,10 @@ OUTBOX = {
     "BACKOFF_MAX_SECONDS": env.float("OUTBOX_BACKOFF_MAX_SECONDS", default=300.0),
     # how long the relay sleeps when idle without a NOTIFY (SQLite: always polls)
     "POLL_SECONDS": env.float("OUTBOX_POLL_SECONDS", default=1.0),
+    # run_relay's claim loops side by side in one process (PostgreSQL, and a transport
+    # that publishes concurrently: RabbitMQ): one batch's database work overlaps
+    # another's broker round trip. 1 on SQLite.
+    "RELAY_LOOPS": env.int("OUTBOX_RELAY_LOOPS", default=2),
     # run_worker deletes published messages older than this (dead ones stay)
     "RETENTION_DAYS": env.float("OUTBOX_RETENTION_DAYS", default=7.0),
 }

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from django.db import connections, transaction
+from django.db import connection, connections, transaction
 
 import outbox
 from outbox.models import OutboxMessage
@@ -273,3 +275,55 @@ async def _delete_queue(name: str) -> None:
     async with connection:
         channel = await connection.channel()
         await channel.queue_delete(name)
+
+
+def test_two_claim_loops_share_the_connection_and_keep_each_keys_order(topic) -> None:
+    """run() with two claim loops (PostgreSQL, RabbitMQ): both publish, every message
+    arrives once, and each key's messages in order."""
+    need(connection.vendor == "postgresql", "two claim loops need PostgreSQL")
+    n, keys = 400, 50
+    with transaction.atomic():
+        for i in range(n):
+            outbox.publish(topic=topic, key=f"k{i % keys}", type="loop.test", payload={"i": i})
+    publishers: list[str] = []  # the loop (thread) of each batch that published
+
+    class Recording(Relay):
+        def run_once(self) -> Any:
+            result = super().run_once()
+            if result.published:
+                publishers.append(threading.current_thread().name)
+            return result
+
+    cfg = RelaySettings(batch_size=20, loops=2, poll_seconds=0.05, backoff_base=0.0)
+    transport = transport_from_url(AMQP_URL)
+    relay = Recording(transport, cfg)
+    assert relay.loops() == 2
+
+    def run(stop: threading.Event) -> None:
+        try:
+            relay.run(stop)
+        finally:
+            connections.close_all()
+
+    async def scenario() -> list[Any]:
+        amqp, _, queue = await _bound_queue(topic)
+        async with amqp:
+            stop = threading.Event()
+            thread = threading.Thread(target=run, args=(stop,), name="relay-0")
+            thread.start()
+            try:
+                return await _take(queue, n)
+            finally:
+                stop.set()
+                await asyncio.to_thread(thread.join, 10)
+                transport.close()
+
+    got = asyncio.run(scenario())
+    assert set(publishers) == {"relay-0", "relay-1"}
+    assert len({m.message_id for m in got}) == n
+    seen: dict[str, list[int]] = {}
+    for message in got:
+        seen.setdefault(message.headers["sagaadmin-key"], []).append(json.loads(message.body)["i"])
+    assert all(values == sorted(values) for values in seen.values())
+    assert sum(len(v) for v in seen.values()) == n
+    assert OutboxMessage.objects.filter(status="published").count() == n

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 import outbox
@@ -117,3 +117,17 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
         waits = {backoff(attempts, cfg).total_seconds() for _ in range(50)}
         assert all(step / 2 <= w <= step for w in waits), (attempts, waits)
         assert len(waits) > 1  # jittered
+
+
+def test_claim_loops_run_side_by_side_only_where_that_is_safe(transactional_db) -> None:
+    """Several loops need PostgreSQL (SQLite: one writer) and a transport that publishes
+    from two threads at once; the in-process transport does not declare that."""
+
+    class Concurrent(InProcessTransport):
+        concurrent_publish = True
+
+    cfg = RelaySettings(loops=3)
+    assert Relay(InProcessTransport(), cfg).loops() == 1
+    on_postgres = connection.vendor == "postgresql"
+    assert Relay(Concurrent(), cfg).loops() == (3 if on_postgres else 1)
+    assert Relay(Concurrent(), RelaySettings(loops=0)).loops() == 1

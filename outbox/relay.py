@@ -57,7 +57,8 @@ FOR UPDATE OF o SKIP LOCKED
 # The claim's snapshot is taken before its advisory locks: a relay that held a key and
 # scheduled its head for a retry may commit in between, unseen by NOT EXISTS above. Run
 # after the claim (a new snapshot, taken once this relay holds the keys, so after any
-# earlier holder committed), it names the claimed rows that must wait after all.
+# earlier holder committed), it names the claimed rows that must wait after all. (A new
+# snapshot per statement: READ COMMITTED, the relay's transactions' isolation level.)
 _HELD_BACK_POSTGRES = """
 SELECT o.seq FROM outbox_outboxmessage o
 WHERE o.seq = ANY(%(seqs)s)
@@ -115,6 +116,7 @@ class BatchResult:
     retried: int = 0
     dead: int = 0
     skipped: int = 0
+    held_back: int = 0  # claimed, then left by the re-check (_HELD_BACK_POSTGRES)
 
     @property
     def claimed(self) -> int:
@@ -130,9 +132,9 @@ class Relay:
         """Claim, publish and mark one batch (one transaction)."""
         with transaction.atomic():
             now = timezone.now()
-            rows = self._claim(now)
+            rows, held_back = self._claim_rows(now)
             if not rows:
-                return BatchResult()
+                return BatchResult(held_back=held_back)
             outgoing = [
                 Outgoing(
                     id=row[1] if isinstance(row[1], UUID) else UUID(str(row[1])),
@@ -161,13 +163,19 @@ class Relay:
                 raise RuntimeError("the transport answered for a different number of messages")
             sent = iter(answers)
             results = [unknown[i] if i in unknown else next(sent) for i in range(len(rows))]
-            return self._mark([row[0] for row in rows], results, timezone.now(), set(unknown))
+            out = self._mark([row[0] for row in rows], results, timezone.now(), set(unknown))
+            out.held_back = held_back
+            return out
 
     def _claim(self, now: datetime) -> list[tuple[Any, ...]]:
+        return self._claim_rows(now)[0]
+
+    def _claim_rows(self, now: datetime) -> tuple[list[tuple[Any, ...]], int]:
+        """The rows to send, and how many claimed rows the re-check held back."""
         if connection.vendor != "postgresql":  # one writer at a time: no race to close
             with connection.cursor() as cursor:
                 cursor.execute(_CLAIM_SQLITE, {"now": now, "limit": self.cfg.batch_size})
-                return list(cursor.fetchall())
+                return list(cursor.fetchall()), 0
         with connection.cursor() as cursor:
             cursor.execute(
                 _CLAIM_POSTGRES,
@@ -175,11 +183,11 @@ class Relay:
             )
             rows = list(cursor.fetchall())
             if not rows:
-                return rows
+                return rows, 0
             cursor.execute(_HELD_BACK_POSTGRES, {"seqs": [row[0] for row in rows], "now": now})
             held = {seq for (seq,) in cursor.fetchall()}
         # left locked and unchanged until this transaction ends; claimed again once due
-        return [row for row in rows if row[0] not in held] if held else rows
+        return ([row for row in rows if row[0] not in held] if held else rows), len(held)
 
     def _mark(
         self,
@@ -259,28 +267,41 @@ class Relay:
     def run(self, stop: threading.Event) -> None:
         """Publish until ``stop`` is set, with :meth:`loops` claim loops side by side: while
         one waits for the broker's confirms, another claims and sends the next batch.
-        Each loop finishes the batch in flight before it returns."""
-        extra = [
-            threading.Thread(target=self._run_loop_closing, args=(stop,), name=f"relay-{i}")
-            for i in range(1, self.loops())
+        Each loop finishes the batch in flight before it returns. A loop that fails
+        stops the others, and its error is raised here (as with one loop)."""
+        loops = self.loops()
+        if loops == 1:
+            self._run_loop(stop)
+            return
+        halt = _Halt(stop)
+        errors: list[BaseException] = []
+
+        def extra() -> None:
+            try:
+                self._run_loop(halt)
+            except BaseException as exc:
+                errors.append(exc)
+                halt.failed.set()
+            finally:
+                connection.close()  # this thread's
+
+        threads = [
+            threading.Thread(target=extra, name=f"relay-{i}", daemon=True) for i in range(1, loops)
         ]
-        for thread in extra:
+        for thread in threads:
             thread.start()
         try:
-            self._run_loop(stop)
+            self._run_loop(halt)
+        except BaseException:
+            halt.failed.set()
+            raise
         finally:
-            for thread in extra:
+            for thread in threads:
                 thread.join()
+        if errors:
+            raise errors[0]
 
-    def _run_loop_closing(self, stop: threading.Event) -> None:
-        try:
-            self._run_loop(stop)
-        except Exception:  # logged; the other loops go on, the process is not stopped
-            log.exception("relay: a claim loop failed")
-        finally:
-            connection.close()  # this thread's
-
-    def _run_loop(self, stop: threading.Event) -> None:
+    def _run_loop(self, stop: threading.Event | _Halt) -> None:
         """One claim loop: between batches wait for NOTIFY or the poll interval."""
         listener = _Listener() if connection.vendor == "postgresql" else None
         try:
@@ -292,7 +313,7 @@ class Relay:
                     connection.close()
                     stop.wait(self.cfg.poll_seconds)
                     continue
-                if result.claimed >= self.cfg.batch_size and result.published:
+                if result.claimed + result.held_back >= self.cfg.batch_size and result.published:
                     continue  # more is waiting
                 if listener is not None:
                     listener.wait(self.cfg.poll_seconds, stop)
@@ -301,6 +322,24 @@ class Relay:
         finally:
             if listener is not None:
                 listener.close()
+
+
+class _Halt:
+    """Stops every claim loop of one :meth:`Relay.run`: the caller's ``stop``, or
+    ``failed`` (a loop failed). Waits in steps of 0.2 s to see either."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.failed = threading.Event()
+
+    def is_set(self) -> bool:
+        return self.stop.is_set() or self.failed.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.stop.wait(min(left, 0.2))
+        return self.is_set()
 
 
 def _headers(value: Any) -> dict[str, str]:
@@ -321,7 +360,7 @@ class _Listener:
         self.conn: Any = psycopg.connect(**params, autocommit=True)
         self.conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
 
-    def wait(self, timeout: float, stop: threading.Event) -> None:
+    def wait(self, timeout: float, stop: threading.Event | _Halt) -> None:
         """Until a notification, ``timeout`` or ``stop`` (checked twice a second)."""
         deadline = time.monotonic() + timeout
         try:

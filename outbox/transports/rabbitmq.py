@@ -29,7 +29,10 @@ PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 class RabbitMQTransport:
     # Two relay loops may publish at once (Relay.loops()): their batches share the
     # connection and the channel (delivery tags and confirms are per channel), opened
-    # once under a lock; a failed batch drops only the connection it used.
+    # once under a lock. A nacked message fails alone; any other failure (the channel
+    # or connection closed, a confirm timed out) drops the connection the batch used
+    # (not a newer one), which fails the other batch in flight on it too: both are
+    # retried, as after any broker outage.
     concurrent_publish = True
 
     def __init__(self, url: str) -> None:
@@ -108,7 +111,10 @@ class RabbitMQTransport:
             else None
             for o in outcomes
         ]
-        if any(results):
+        if any(
+            isinstance(o, BaseException) and not isinstance(o, aiormq.exceptions.DeliveryError)
+            for o in outcomes
+        ):
             await self._reset(used)
         return results
 

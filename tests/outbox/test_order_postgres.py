@@ -164,13 +164,6 @@ def test_a_claim_that_began_before_another_relay_scheduled_a_retry_holds_the_key
     A ``hashtext`` earlier on B's search path sleeps on k's lock key, so A's commit
     lands inside B's claim statement every time."""
     slow = RelaySettings(batch_size=20, max_attempts=5, backoff_base=60, backoff_max=60)
-    with connection.cursor() as cursor:
-        cursor.execute("CREATE SCHEMA test_hook")
-        cursor.execute(
-            "CREATE FUNCTION test_hook.hashtext(t text) RETURNS integer LANGUAGE plpgsql AS $$"
-            " BEGIN IF t = 'accounts/k' THEN PERFORM pg_sleep(0.5); END IF;"
-            " RETURN pg_catalog.hashtext(t); END $$"
-        )
     with transaction.atomic():
         head = outbox.publish(topic="accounts", key="k", type="credited", payload={"n": 1})
     claimed, release, done = threading.Event(), threading.Event(), threading.Event()
@@ -198,15 +191,23 @@ def test_a_claim_that_began_before_another_relay_scheduled_a_retry_holds_the_key
         finally:
             connections.close_all()
 
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE SCHEMA test_hook")
     a = threading.Thread(target=relay_a)
-    a.start()
     try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "CREATE FUNCTION test_hook.hashtext(t text) RETURNS integer LANGUAGE plpgsql"
+                " AS $$ BEGIN IF t = 'accounts/k' THEN PERFORM pg_sleep(0.5); END IF;"
+                " RETURN pg_catalog.hashtext(t); END $$"
+            )
+        a.start()
         assert claimed.wait(10)
         with transaction.atomic():  # k's next message, committed after A's claim
             outbox.publish(topic="accounts", key="k", type="credited", payload={"n": 2})
         b = threading.Thread(target=relay_b)
         b.start()
-        time.sleep(0.25)  # B's statement has its snapshot and sleeps on k's lock key
+        _wait_for_a_sleeping_claim()  # B's statement has its snapshot, sleeps on k's lock key
         release.set()
         assert done.wait(10)
         b.join(10)
@@ -219,3 +220,18 @@ def test_a_claim_that_began_before_another_relay_scheduled_a_retry_holds_the_key
     assert received == []  # nothing of k went out while its head waits for the retry
     rows = OutboxMessage.objects.order_by("seq").values_list("payload", "status", "attempts")
     assert list(rows) == [('{"n":1}', "pending", 1), ('{"n":2}', "pending", 0)]
+
+
+def _wait_for_a_sleeping_claim() -> None:
+    """Until another backend sleeps in ``test_hook.hashtext`` (inside its claim)."""
+    deadline = time.monotonic() + 10
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                " AND pid <> pg_backend_pid()"
+            )
+            if cursor.fetchone()[0]:
+                return
+            time.sleep(0.01)
+    raise AssertionError("the second relay's claim never reached the sleeping hashtext")

@@ -278,21 +278,19 @@ async def _delete_queue(name: str) -> None:
 
 
 def test_two_claim_loops_share_the_connection_and_keep_each_keys_order(topic) -> None:
-    """run() with two claim loops (PostgreSQL, RabbitMQ): both publish, every message
+    """run() with two claim loops (PostgreSQL, RabbitMQ): both claim, every message
     arrives once, and each key's messages in order."""
     need(connection.vendor == "postgresql", "two claim loops need PostgreSQL")
     n, keys = 400, 50
     with transaction.atomic():
         for i in range(n):
             outbox.publish(topic=topic, key=f"k{i % keys}", type="loop.test", payload={"i": i})
-    publishers: list[str] = []  # the loop (thread) of each batch that published
+    claimers: set[str] = set()  # the loops (threads) that claimed
 
     class Recording(Relay):
         def run_once(self) -> Any:
-            result = super().run_once()
-            if result.published:
-                publishers.append(threading.current_thread().name)
-            return result
+            claimers.add(threading.current_thread().name)
+            return super().run_once()
 
     cfg = RelaySettings(batch_size=20, loops=2, poll_seconds=0.05, backoff_base=0.0)
     transport = transport_from_url(AMQP_URL)
@@ -319,7 +317,7 @@ def test_two_claim_loops_share_the_connection_and_keep_each_keys_order(topic) ->
                 transport.close()
 
     got = asyncio.run(scenario())
-    assert set(publishers) == {"relay-0", "relay-1"}
+    assert claimers == {"relay-0", "relay-1"}
     assert len({m.message_id for m in got}) == n
     seen: dict[str, list[int]] = {}
     for message in got:
@@ -327,3 +325,26 @@ def test_two_claim_loops_share_the_connection_and_keep_each_keys_order(topic) ->
     assert all(values == sorted(values) for values in seen.values())
     assert sum(len(v) for v in seen.values()) == n
     assert OutboxMessage.objects.filter(status="published").count() == n
+
+
+def test_a_batch_drops_only_the_connection_it_used() -> None:
+    """After a failed batch the transport drops the connection that batch used, but not
+    one another batch opened since (two relay loops share the transport)."""
+    from outbox.transports.rabbitmq import RabbitMQTransport
+
+    class Connection:
+        is_closed = False
+
+        async def close(self) -> None:
+            self.is_closed = True
+
+    transport = RabbitMQTransport(AMQP_URL)
+    try:
+        old, current = Connection(), Connection()
+        transport._connection = current  # type: ignore[assignment]
+        transport._background.run(transport._reset(old), 5)  # type: ignore[arg-type]
+        assert transport._connection is current and not current.is_closed
+        transport._background.run(transport._reset(current), 5)  # type: ignore[arg-type]
+        assert transport._connection is None and current.is_closed
+    finally:
+        transport.close()

@@ -6,11 +6,13 @@ of transactions older than every running one, its test's own included.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 import outbox
@@ -18,6 +20,7 @@ from outbox.models import OutboxMessage
 from outbox.relay import Relay, RelaySettings, backoff
 from outbox.transports.base import Outgoing
 from outbox.transports.inprocess import InProcessTransport, subscribe
+from tests.conftest import need
 
 FAST = RelaySettings(batch_size=50, max_attempts=3, backoff_base=0.0, backoff_max=0.0)
 
@@ -131,3 +134,40 @@ def test_claim_loops_run_side_by_side_only_where_that_is_safe(transactional_db) 
     on_postgres = connection.vendor == "postgresql"
     assert Relay(Concurrent(), cfg).loops() == (3 if on_postgres else 1)
     assert Relay(Concurrent(), RelaySettings(loops=0)).loops() == 1
+
+
+def test_a_failed_claim_loop_stops_the_others_and_its_error_is_raised(transactional_db) -> None:
+    """With two loops, an error one loop cannot handle (here the transport's) ends run()
+    with that error, as with one loop, instead of leaving the other loop running."""
+    need(connection.vendor == "postgresql", "two claim loops need PostgreSQL")
+
+    class Broken(InProcessTransport):  # breaks once: the other loop could go on
+        concurrent_publish = True
+        broke = False
+
+        def publish(self, messages: Any) -> Any:
+            if not Broken.broke:
+                Broken.broke = True
+                raise RuntimeError("the transport broke")
+            return super().publish(messages)
+
+    publish_many(1)
+    stop = threading.Event()
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            Relay(Broken(), RelaySettings(loops=2, poll_seconds=0.05)).run(stop)
+        except BaseException as exc:
+            raised.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    stopped = not thread.is_alive()
+    stop.set()
+    thread.join(10)
+    assert stopped, "run() went on after a loop failed"
+    assert [str(e) for e in raised] == ["the transport broke"]

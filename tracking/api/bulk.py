@@ -39,8 +39,10 @@ ITEMS_MAX = 1000  # per-saga results in one answer
 
 class FilterValueField(serializers.CharField):
     """A filter's value: text, or a JSON number or boolean, taken as the list's query
-    string writes it (``42``, ``true``): ``attr.<key>`` matches the reported scalar
-    either way (``selectors._scalar``). Null, lists and objects are refused."""
+    string writes it (``42``, ``true``), for any key: ``attr.<key>`` then matches the
+    reported scalar either way (``selectors._scalar``); other keys check the text as
+    usual (``{"status": true}`` is refused as an unknown status). Null, lists and
+    objects are refused."""
 
     def to_internal_value(self, data: Any) -> str:
         if isinstance(data, bool):

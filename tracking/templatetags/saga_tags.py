@@ -30,7 +30,8 @@ def elapsed(since: datetime | None, now: datetime) -> str:
 def breakable(text: Any) -> SafeString:
     """Escaped, with line-break opportunities between the words of a step or type name
     (``fragments.esc_breakable``): a long name wraps in its column, it does not spill
-    into the next one."""
+    into the next one. For text only: a value marked safe is taken as escaped text
+    (e.g. ``join``'s output), never as markup (``</a>`` would get a break inside)."""
     if isinstance(text, SafeData):  # escaped already (e.g. by ``join``)
         return SafeString(breaks_add(str(text)))
     return SafeString(esc_breakable(str(text)))

@@ -17,6 +17,7 @@ from typing import TypeVar, cast
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.connection import make_url
 
 from outbox.transports.base import BackgroundLoop, Outgoing, TransportError
 
@@ -54,10 +55,24 @@ class RabbitMQTransport:
             assert self._connection is not None and self._channel is not None
             return self._connection, await self._channel_underlay()
 
+    async def _connect(self) -> AbstractConnection:
+        """``aio_pika.connect``, but a connection that fails to open is closed here: aio-pika
+        leaves it to its ``__del__``, which, collected off the loop's thread, only warns
+        "coroutine 'Connection.close' was never awaited" (once per failed attempt while
+        the broker is away)."""
+        connection = aio_pika.Connection(make_url(self.url))
+        try:
+            await connection.connect(timeout=CONNECT_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        return connection
+
     async def _exchange(self, topic: str) -> AbstractExchange:
         if self._channel is None or self._channel.is_closed:
             if self._connection is None or self._connection.is_closed:
-                self._connection = await aio_pika.connect(self.url, timeout=CONNECT_TIMEOUT)
+                self._connection = await self._connect()
             self._channel = await self._connection.channel(publisher_confirms=True)
             self._exchanges.clear()
         exchange = self._exchanges.get(topic)

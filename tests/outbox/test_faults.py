@@ -117,6 +117,9 @@ def test_a_relay_killed_mid_batch_loses_nothing_and_the_inbox_applies_once(tmp_p
     asyncio.run(_delete_queue(consumer))
 
 
+# Each batch tries to connect while the broker is away: a connection that failed to open
+# must be closed, not left to aio-pika's __del__ ("coroutine ... never awaited").
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_with_the_broker_cut_off_writers_go_on_and_the_backlog_drains_after(tmp_path) -> None:
     need(connection.vendor == "postgresql", "needs PostgreSQL (LISTEN/NOTIFY, SKIP LOCKED)")
     need(_reachable("127.0.0.1", 5672), "needs RabbitMQ on 127.0.0.1:5672")

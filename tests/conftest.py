@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,19 @@ def need(condition: bool, reason: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"required service unavailable (SAGAADMIN_REQUIRE_SERVICES=1): {reason}")
     pytest.skip(reason)
+
+
+def pg_activity_wait(condition: str, timeout: float = 10.0) -> bool:
+    """Poll ``pg_stat_activity`` (on this thread's connection) until a backend matches
+    ``condition`` (SQL over its columns); False if none did within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(f"SELECT count(*) FROM pg_stat_activity WHERE {condition}")  # noqa: S608
+            if cursor.fetchone()[0]:
+                return True
+            time.sleep(0.01)
+    return False
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
@@ -31,7 +30,7 @@ from orchestrator.models import SagaRun, StepRun
 from orchestrator.reporting import Telemetry
 from orchestrator.worker import Worker, claims_release, runs_claim
 from outbox.models import OutboxMessage
-from tests.conftest import need
+from tests.conftest import need, pg_activity_wait
 from tests.orchestrator import sagas
 from tracking.models import Saga, Service, TelemetryEvent
 
@@ -344,16 +343,7 @@ def _commit_when_blocked(until: threading.Event) -> threading.Thread:
 
     def watch() -> None:
         try:
-            deadline = time.monotonic() + 10
-            with connections["default"].cursor() as cursor:
-                while time.monotonic() < deadline:
-                    cursor.execute(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                    )
-                    if cursor.fetchone()[0]:
-                        break
-                    time.sleep(0.01)
+            pg_activity_wait("wait_event_type = 'Lock' AND datname = current_database()")
         finally:
             until.set()
             connections.close_all()

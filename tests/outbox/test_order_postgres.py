@@ -17,7 +17,7 @@ from outbox.models import OutboxMessage
 from outbox.relay import Relay, RelaySettings
 from outbox.transports.base import Outgoing
 from outbox.transports.inprocess import InProcessTransport, subscribe
-from tests.conftest import need
+from tests.conftest import need, pg_activity_wait
 
 pytestmark = pytest.mark.django_db(transaction=True)
 CFG = RelaySettings(batch_size=20, max_attempts=3, backoff_base=0.0, poll_seconds=0.05)
@@ -207,7 +207,10 @@ def test_a_claim_that_began_before_another_relay_scheduled_a_retry_holds_the_key
             outbox.publish(topic="accounts", key="k", type="credited", payload={"n": 2})
         b = threading.Thread(target=relay_b)
         b.start()
-        _wait_for_a_sleeping_claim()  # B's statement has its snapshot, sleeps on k's lock key
+        # B's statement has its snapshot and sleeps in test_hook.hashtext, on k's lock key
+        assert pg_activity_wait("wait_event = 'PgSleep' AND pid <> pg_backend_pid()"), (
+            "the second relay's claim never reached the sleeping hashtext"
+        )
         release.set()
         assert done.wait(10)
         b.join(10)
@@ -220,18 +223,3 @@ def test_a_claim_that_began_before_another_relay_scheduled_a_retry_holds_the_key
     assert received == []  # nothing of k went out while its head waits for the retry
     rows = OutboxMessage.objects.order_by("seq").values_list("payload", "status", "attempts")
     assert list(rows) == [('{"n":1}', "pending", 1), ('{"n":2}', "pending", 0)]
-
-
-def _wait_for_a_sleeping_claim() -> None:
-    """Until another backend sleeps in ``test_hook.hashtext`` (inside its claim)."""
-    deadline = time.monotonic() + 10
-    with connection.cursor() as cursor:
-        while time.monotonic() < deadline:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
-                " AND pid <> pg_backend_pid()"
-            )
-            if cursor.fetchone()[0]:
-                return
-            time.sleep(0.01)
-    raise AssertionError("the second relay's claim never reached the sleeping hashtext")

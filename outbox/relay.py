@@ -100,7 +100,7 @@ class RelaySettings:
             backoff_base=cfg["BACKOFF_BASE_SECONDS"],
             backoff_max=cfg["BACKOFF_MAX_SECONDS"],
             poll_seconds=cfg["POLL_SECONDS"],
-            loops=cfg.get("RELAY_LOOPS", 1),
+            loops=cfg["RELAY_LOOPS"],
         )
 
 
@@ -166,9 +166,6 @@ class Relay:
             out = self._mark([row[0] for row in rows], results, timezone.now(), set(unknown))
             out.held_back = held_back
             return out
-
-    def _claim(self, now: datetime) -> list[tuple[Any, ...]]:
-        return self._claim_rows(now)[0]
 
     def _claim_rows(self, now: datetime) -> tuple[list[tuple[Any, ...]], int]:
         """The rows to send, and how many claimed rows the re-check held back."""

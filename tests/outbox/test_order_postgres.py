@@ -174,7 +174,7 @@ def test_a_claim_that_began_before_another_relay_scheduled_a_retry_holds_the_key
             relay = Relay(InProcessTransport(), slow)
             with transaction.atomic():
                 now = timezone.now()
-                rows = relay._claim(now)
+                rows, _ = relay._claim_rows(now)
                 assert [r[1] for r in rows] == [head.message_id]
                 claimed.set()
                 release.wait(10)

@@ -407,21 +407,13 @@ def check_queue(url: str, expected: int, label: str) -> None:
     asyncio.run(_declare(url))  # purge
 
 
-def amqp_properties(m: Message) -> aiormq.spec.Basic.Properties:
-    """The message's properties as outbox.transports.rabbitmq builds them."""
-    return aiormq.spec.Basic.Properties(
-        content_type="application/json",
-        delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
-        headers={**m.headers, "sagaadmin-key": m.key, "sagaadmin-version": 1},
-        message_id=str(m.id),
-        message_type=TYPE,
-    )
-
-
 async def _raw_broker(url: str, messages: Sequence[Message], batch: int) -> list[float]:
     """The transport's client path (aiormq's basic_publish on aio-pika's channel, no
-    wait for each frame's write, the batch's confirms awaited together), no database."""
-    bodies = [m.payload.encode() for m in messages]
+    wait for each frame's write, the batch's confirms awaited together, the transport's
+    own properties), no database."""
+    from outbox.transports.rabbitmq import amqp_properties
+
+    outgoing = outgoing_messages(messages)
     connection = await aio_pika.connect(url, timeout=10)
     times = []
     async with connection:
@@ -432,7 +424,7 @@ async def _raw_broker(url: str, messages: Sequence[Message], batch: int) -> list
             began = time.perf_counter()
             sends = [
                 amqp.basic_publish(
-                    body,
+                    m.payload,
                     exchange=TOPIC,
                     routing_key=TYPE,
                     properties=amqp_properties(m),
@@ -440,9 +432,7 @@ async def _raw_broker(url: str, messages: Sequence[Message], batch: int) -> list
                     timeout=30,
                     wait=False,
                 )
-                for m, body in zip(
-                    messages[start : start + batch], bodies[start : start + batch], strict=True
-                )
+                for m in outgoing[start : start + batch]
             ]
             outcomes = await asyncio.gather(*sends, return_exceptions=True)
             errors = [o for o in outcomes if isinstance(o, BaseException)]
@@ -498,17 +488,20 @@ def relay_drain(transport: Any, label: str) -> tuple[int, list[float]]:
     return result.published, times[:-1]  # the last claim found nothing
 
 
-def transport_alone(url: str, messages: Sequence[Message], batch: int) -> tuple[int, list[float]]:
+def outgoing_messages(messages: Sequence[Message]) -> list[Any]:
+    """The messages as the relay hands them to the transport (``Outgoing``)."""
     from outbox.transports.base import Outgoing
+
+    return [
+        Outgoing(m.id, TOPIC, m.key, TYPE, 1, m.payload.encode(), dict(m.headers)) for m in messages
+    ]
+
+
+def transport_alone(url: str, messages: Sequence[Message], batch: int) -> tuple[int, list[float]]:
     from outbox.transports.rabbitmq import RabbitMQTransport
 
-    batches = [
-        [
-            Outgoing(m.id, TOPIC, m.key, TYPE, 1, m.payload.encode(), dict(m.headers))
-            for m in messages[start : start + batch]
-        ]
-        for start in range(0, len(messages), batch)
-    ]
+    outgoing = outgoing_messages(messages)
+    batches = [outgoing[start : start + batch] for start in range(0, len(outgoing), batch)]
     transport = RabbitMQTransport(url)
     times = []
     try:

@@ -27,6 +27,18 @@ CONFIRM_TIMEOUT = 30.0
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
+def amqp_properties(m: Outgoing) -> aiormq.spec.Basic.Properties:
+    """The AMQP properties of a message: persistent, JSON, its id and type, its headers
+    plus ``sagaadmin-key`` and ``sagaadmin-version``."""
+    return aiormq.spec.Basic.Properties(
+        content_type="application/json",
+        delivery_mode=PERSISTENT,
+        headers={**m.headers, "sagaadmin-key": m.key, "sagaadmin-version": m.version},
+        message_id=str(m.id),
+        message_type=m.type,
+    )
+
+
 class RabbitMQTransport:
     # Two relay loops may publish at once (Relay.loops()): their batches share the
     # connection and the channel (delivery tags and confirms are per channel), opened
@@ -53,7 +65,10 @@ class RabbitMQTransport:
             for topic in topics:
                 await self._exchange(topic)
             assert self._connection is not None and self._channel is not None
-            return self._connection, await self._channel_underlay()
+            # the concrete class: its publish can skip waiting for each frame's write
+            return self._connection, cast(
+                aiormq.Channel, await self._channel.get_underlay_channel()
+            )
 
     async def _connect(self) -> AbstractConnection:
         """``aio_pika.connect``, but a connection that fails to open is closed here: aio-pika
@@ -83,12 +98,6 @@ class RabbitMQTransport:
             self._exchanges[topic] = exchange
         return exchange
 
-    async def _channel_underlay(self) -> aiormq.Channel:
-        """aio-pika's channel's aiormq channel (the concrete class: its publish can skip
-        waiting for each frame's write)."""
-        assert self._channel is not None  # opened by _exchange()
-        return cast(aiormq.Channel, await self._channel.get_underlay_channel())
-
     async def _publish(self, messages: Sequence[Outgoing]) -> list[BaseException | None]:
         try:
             used, channel = await self._open(list(dict.fromkeys(m.topic for m in messages)))
@@ -104,13 +113,7 @@ class RabbitMQTransport:
                 m.payload,
                 exchange=m.topic,
                 routing_key=m.type,
-                properties=aiormq.spec.Basic.Properties(
-                    content_type="application/json",
-                    delivery_mode=PERSISTENT,
-                    headers={**m.headers, "sagaadmin-key": m.key, "sagaadmin-version": m.version},
-                    message_id=str(m.id),
-                    message_type=m.type,
-                ),
+                properties=amqp_properties(m),
                 # Topic semantics: a message no queue is bound for is dropped by the
                 # broker (and confirmed); declare and bind consumer queues first.
                 mandatory=False,

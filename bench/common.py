@@ -91,3 +91,36 @@ def busy_seconds() -> float:
     # user nice system [idle iowait] irq softirq steal (guest is already in user)
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     return (sum(values[:3]) + sum(values[5:])) / os.sysconf("SC_CLK_TCK")
+
+
+def tcp_peers(pids: list[int], port: int) -> dict[int, list[int]]:
+    """pid -> the remote ports of its established TCP connections on local ``port``.
+
+    Read from /proc (Linux): which worker process of a multi-process server
+    holds which client connection. Empty lists where /proc is not readable.
+    """
+    remote_by_inode: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()  # sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                remote_by_inode[fields[9]] = int(fields[2].rsplit(":", 1)[1], 16)
+    peers: dict[int, list[int]] = {}
+    for pid in pids:
+        ports = peers.setdefault(pid, [])
+        try:
+            entries = list(os.scandir(f"/proc/{pid}/fd"))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                link = os.readlink(entry.path)
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in remote_by_inode:
+                ports.append(remote_by_inode[link[8:-1]])
+    return peers

@@ -210,7 +210,7 @@ class PathPhase(ingest.Phase):
     ``CLOCK_SKEW_SECONDS``, 30 s).
     """
 
-    def make_task(self, task_id: int) -> ingest.PostTask:
+    def make_task(self, task_id: int, spread: ingest.ConnectionSpread | None) -> ingest.PostTask:
         requests = math.ceil(self.events_per_thread / PER_REQUEST[self.kind])
         bodies_make(self.kind, 1, time.time(), 1.0)  # warm
         began = time.monotonic()
@@ -219,7 +219,7 @@ class PathPhase(ingest.Phase):
         middle = ready_at + self.warmup + self.duration / 2
         bodies = bodies_make(self.kind, requests, middle - SPREAD_S / 2, SPREAD_S)
         task = OtlpTask if self.kind == "otlp" else ingest.PostTask
-        return task(int(self.target), self.key, bodies, PER_REQUEST[self.kind])
+        return task(int(self.target), self.key, bodies, PER_REQUEST[self.kind], spread)
 
 
 def path_phase(

@@ -226,6 +226,35 @@ def test_a_bad_span_is_rejected_by_count_and_the_rest_is_stored(client: Client, 
     assert len(_stored("partial-1")) == 2
 
 
+def test_a_nul_in_a_span_rejects_that_span_and_nul_lookalike_text_is_stored(
+    client: Client, key: CreatedKey
+) -> None:
+    """PostgreSQL stores no NUL: a span mapped to an event with one is rejected, naming
+    the field; the text "\\u0000" (a backslash, no NUL) is data like any other."""
+    document = _request_json("nul-1")
+    spans = document["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    lookalike = spans[0]
+    lookalike["status"]["message"] = "no stock \\u0000 left"
+    nul = json.loads(json.dumps(lookalike))
+    nul["spanId"] = "00000000000000a0"
+    for attribute in nul["attributes"]:
+        if attribute["key"] == "sagaadmin.step.name":
+            attribute["value"]["stringValue"] = "re\x00serve"
+    spans.append(nul)
+    answer = _post(client, key, json.dumps(document).encode(), "application/json")
+    assert answer.status_code == 200, answer.content
+    partial = json.loads(answer.content)["partialSuccess"]
+    assert partial["rejectedSpans"] == "1"
+    assert "00000000000000a0" in partial["errorMessage"]
+    assert "NUL" in partial["errorMessage"]
+    assert "step" in partial["errorMessage"]
+    stored = _stored("nul-1")
+    assert len(stored) == 2  # the look-alike span's step.started and step.failed
+    assert {row[3] for row in stored} == {"reserve"}
+    failed = next(row for row in stored if row[1] == "step.failed")
+    assert failed[6]["message"] == "no stock \\u0000 left"
+
+
 def _status(answer: Any) -> status_pb2.Status:
     status = status_pb2.Status()
     if answer["Content-Type"] == PB:

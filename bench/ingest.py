@@ -52,6 +52,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import re
 import signal
 import socket
@@ -231,19 +232,30 @@ class ConnectionSpread:
         self.counts = ctx.Array("i", len(workers))
 
     def connect(self, port: int) -> socket.socket:
+        """A connection to ``port`` held by a worker that has less than its share.
+
+        Gives up (BenchError) after 30 s, or after 10 connections in a row that
+        no known worker accepted within a second (a worker replaced by uvicorn).
+        """
+        deadline = time.monotonic() + 30
+        unknown = 0
         with self.lock:
-            for _ in range(500):
+            while time.monotonic() < deadline and unknown < 10:
                 sock = socket.create_connection((HOST, port), timeout=60)
                 worker = self._accepted_by(port, sock.getsockname()[1])
+                unknown = unknown + 1 if worker is None else 0
                 if worker is not None and self.counts[worker] < self.share:
                     self.counts[worker] += 1
                     return sock
                 sock.close()
-        raise BenchError(f"could not give each of the {len(self.workers)} workers its connections")
+        raise BenchError(
+            f"could not give each of the server's {len(self.workers)} worker processes "
+            f"{self.workers} its share of {self.share} connections"
+        )
 
     def _accepted_by(self, port: int, client_port: int) -> int | None:
         """The index of the worker that accepted the connection from ``client_port``."""
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 1
         while time.monotonic() < deadline:
             for pid, ports in tcp_peers(self.workers, port).items():
                 if client_port in ports:
@@ -499,7 +511,10 @@ def run_phase(phase: Phase, server_pgid: int | None = None) -> Result:
         for proc in procs:
             proc.start()
         for _ in procs:
-            ready.get(timeout=300)
+            try:
+                ready.get(timeout=300)
+            except queue.Empty:
+                raise BenchError(f"{phase.label}: the clients were not ready in 300 s") from None
         t0.value = time.monotonic() + 0.1
         go.set()
         start = t0.value + phase.warmup
@@ -620,14 +635,15 @@ def server_running(env: dict[str, str], workers: int, log: Path) -> Iterator[tup
 
 
 def server_workers(pgid: int) -> list[int]:
-    """The worker processes of the uvicorn server started in process group ``pgid``."""
+    """The processes serving requests of the uvicorn server started in process group
+    ``pgid``: its worker processes, or the server itself when it runs one worker."""
     workers = []
     for pid, proc in process_cpu().items():
         if proc.pgrp == pgid and pid != pgid:
             with contextlib.suppress(OSError):
                 if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     workers.append(pid)
-    return sorted(workers)
+    return sorted(workers) or [pgid]
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, workers: int) -> None:
@@ -760,9 +776,9 @@ def report(
     print()
     if args.rounds > 1:
         print(
-            f"medians of {args.rounds} rounds: "
+            "medians: "
             + ", ".join(
-                f"{kind} {statistics.median(values):,.0f} {UNITS[kind]}"
+                f"{kind} {statistics.median(values):,.0f} {UNITS[kind]} ({len(values)} phases)"
                 for kind, values in rates.items()
             )
         )

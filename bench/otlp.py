@@ -341,7 +341,7 @@ def totals_check(dsn: str) -> str:
         rows = conn.execute(
             "SELECT status, event_count, flags, count(*) FROM tracking_saga GROUP BY 1, 2, 3"
         ).fetchall()
-        by_service = dict(
+        by_service: dict[str, int] = dict(
             conn.execute(
                 "SELECT sv.name, count(*) FROM tracking_telemetryevent e "
                 "JOIN tracking_service sv ON sv.id = e.service_id GROUP BY 1"

@@ -253,6 +253,11 @@ class ConnectionSpread:
             f"{self.workers} its share of {self.share} connections"
         )
 
+    def held(self, port: int) -> str:
+        """How the connections to ``port`` are spread over the workers now, as a note."""
+        counts = sorted(map(len, tcp_peers(self.workers, port).values()), reverse=True)
+        return "connections per worker: " + ", ".join(map(str, counts))
+
     def _accepted_by(self, port: int, client_port: int) -> int | None:
         """The index of the worker that accepted the connection from ``client_port``."""
         deadline = time.monotonic() + 1
@@ -495,10 +500,9 @@ def run_phase(phase: Phase, server_pgid: int | None = None) -> Result:
     ctx = mp.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
     go, failed, t0 = ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
-    workers = server_workers(server_pgid) if server_pgid is not None else []
     spread = None
-    if workers and phase.kind not in ("copy", "insert"):
-        spread = ConnectionSpread(ctx, workers, phase.procs * phase.threads)
+    if server_pgid is not None and phase.kind not in ("copy", "insert"):
+        spread = ConnectionSpread(ctx, server_workers(server_pgid), phase.procs * phase.threads)
     procs = [
         ctx.Process(
             target=_client,
@@ -522,7 +526,7 @@ def run_phase(phase: Phase, server_pgid: int | None = None) -> Result:
         pids = {p.pid for p in procs if p.pid is not None}
         failed.wait(max(0.0, start - time.monotonic()))
         before = _cpu_sample(server_pgid, pids)
-        spread_note = _connection_spread(server_pgid, phase)
+        spread_note = spread.held(int(phase.target)) if spread is not None else ""
         failed.wait(max(0.0, end - time.monotonic()))
         after = _cpu_sample(server_pgid, pids)
         outs = [results.get(timeout=120) for _ in procs]
@@ -558,15 +562,6 @@ def run_phase(phase: Phase, server_pgid: int | None = None) -> Result:
         cpu,
         "; ".join(notes),
     )
-
-
-def _connection_spread(server_pgid: int | None, phase: Phase) -> str:
-    """How the phase's client connections are spread over the server's workers."""
-    if server_pgid is None or phase.kind in ("copy", "insert"):
-        return ""
-    peers = tcp_peers(server_workers(server_pgid), int(phase.target))
-    counts = sorted((len(ports) for ports in peers.values()), reverse=True)
-    return "connections per worker: " + ", ".join(map(str, counts))
 
 
 # --- database and server ---------------------------------------------------------
@@ -647,14 +642,8 @@ def server_workers(pgid: int) -> list[int]:
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, workers: int) -> None:
-    """Return once each of the ``workers`` processes has answered GET /readyz.
-
-    The workers share one listening socket, and the kernel hands a new
-    connection to whichever worker accepts first: clients that connect while a
-    worker is still starting all land on the others. Measured: a batch phase
-    whose 4 connections all went to one of 2 workers ran at 24,000 events/s,
-    with both in use at 36,000-41,000.
-    """
+    """Return once each of the ``workers`` processes has answered GET /readyz (a
+    worker still starting accepts no connection: see :class:`ConnectionSpread`)."""
     deadline = time.monotonic() + 60
     answered: set[int] = set()
     while time.monotonic() < deadline:
@@ -704,7 +693,7 @@ def parse_args() -> argparse.Namespace:
         "--rounds",
         type=int,
         default=int(env_num("BENCH_ROUNDS", 3)),
-        help="rounds of the four phases; the ratios compare the medians",
+        help="rounds of the four phases; each ratio is the median of the rounds' ratios",
     )
     p.add_argument(
         "--warmup", type=float, default=env_num("BENCH_WARMUP", 3), help="s before each window"
@@ -852,49 +841,42 @@ def run_rounds(
         log = Path(tmp, "uvicorn.log")
         with server_running(env, args.workers, log) as (port, pgid):
             print(f"server up on port {port} with {args.workers} workers", flush=True)
+            server_phases = (
+                batch_phase(
+                    "batch ingest (500 events/request)", args.batch_clients, port, key, **common
+                ),
+                Phase(
+                    "single-event ingest",
+                    "single",
+                    args.single_procs,
+                    args.single_threads,
+                    target=str(port),
+                    key=key,
+                    events_per_thread=math.ceil(
+                        MAX_SINGLE_EVENTS_PER_S * span / args.single_procs / args.single_threads
+                    ),
+                    **common,
+                ),
+            )
+            raw_phases = (
+                Phase(
+                    "raw COPY (500-row chunks)", "copy", args.batch_clients, 1, target=dsn, **common
+                ),
+                Phase(
+                    "raw single-row INSERT commits",
+                    "insert",
+                    args.single_procs,
+                    args.single_threads,
+                    target=dsn,
+                    **common,
+                ),
+            )
             for n in range(1, args.rounds + 1):
                 if args.rounds > 1:
                     print(f"round {n} of {args.rounds}", flush=True)
-                for phase in (
-                    batch_phase(
-                        "batch ingest (500 events/request)",
-                        args.batch_clients,
-                        port,
-                        key,
-                        **common,
-                    ),
-                    Phase(
-                        "single-event ingest",
-                        "single",
-                        args.single_procs,
-                        args.single_threads,
-                        target=str(port),
-                        key=key,
-                        events_per_thread=math.ceil(
-                            MAX_SINGLE_EVENTS_PER_S * span / args.single_procs / args.single_threads
-                        ),
-                        **common,
-                    ),
-                ):
+                for phase in server_phases:
                     results.append(run_server_phase(phase, dsn, pgid, log))
-                for phase in (
-                    Phase(
-                        "raw COPY (500-row chunks)",
-                        "copy",
-                        args.batch_clients,
-                        1,
-                        target=dsn,
-                        **common,
-                    ),
-                    Phase(
-                        "raw single-row INSERT commits",
-                        "insert",
-                        args.single_procs,
-                        args.single_threads,
-                        target=dsn,
-                        **common,
-                    ),
-                ):
+                for phase in raw_phases:
                     checkpoint(dsn)
                     print(f"running {phase.label} ...", flush=True)
                     results.append(run_phase(phase))

@@ -11,6 +11,7 @@ from django.db import connection
 from django.utils import timezone
 
 from outbox.models import OutboxMessage
+from sagaadmin.db import server_side
 from sagaadmin.telemetry import headers_with_context
 
 NOTIFY_CHANNEL = "sagaadmin_outbox"
@@ -86,23 +87,25 @@ def publish(
         # commit order (docs/outbox.md, "Per-key order"; released when the
         # transaction ends) — the relay's wake-up (NOTIFY, delivered at commit,
         # once per transaction, not at all on rollback) and the row itself.
-        with connection.cursor() as cursor:
-            cursor.execute(
-                PUBLISH_SQL,
-                [
-                    f"{topic}/{key}",
-                    NOTIFY_CHANNEL,
-                    message.message_id,
-                    topic,
-                    key,
-                    type,
-                    version,
-                    message.payload,
-                    encode_payload(clean_headers),
-                    message.available_at,
-                ],
-            )
-            message.seq, message.created_at = cursor.fetchone()
+        # Server-side binding: the parameters travel apart from the SQL text and the
+        # statement is prepared once per connection (Django's own cursors bind on the
+        # client, so PostgreSQL would parse and plan it again for every message).
+        [(message.seq, message.created_at)] = server_side(
+            PUBLISH_SQL,
+            [
+                f"{topic}/{key}",
+                NOTIFY_CHANNEL,
+                message.message_id,
+                topic,
+                key,
+                type,
+                version,
+                message.payload,
+                encode_payload(clean_headers),
+                message.available_at,
+            ],
+            returns=True,
+        )
         message._state.adding = False
         message._state.db = connection.alias
     else:

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import psycopg
 from django.db import IntegrityError, connection, models, transaction
 from psycopg import pq
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
+
+from sagaadmin.db import server_side, server_side_cursor
 
 Row = Sequence[Any]
 
@@ -267,8 +268,8 @@ def _json_ok(shape: _Shape) -> bool:
 
 def _unnest_insert(shape: _Shape, rows: Sequence[Row], suffix: str, returns: bool) -> list[Any]:
     if not _json_ok(shape):  # one array per column
-        return _server_side(_unnest_sql(shape, suffix), _arrays(shape, rows), returns=returns)
-    return _server_side(_json_sql(shape, suffix), [_json_rows(rows)], returns=returns)
+        return server_side(_unnest_sql(shape, suffix), _arrays(shape, rows), returns=returns)
+    return server_side(_json_sql(shape, suffix), [_json_rows(rows)], returns=returns)
 
 
 @functools.cache
@@ -305,37 +306,15 @@ def _arrays(shape: _Shape, rows: Sequence[Row]) -> list[list[Any]]:
     return columns
 
 
-def _server_side(sql: str, params: list[Any], *, returns: bool) -> list[Any]:
-    """Execute with server-side binding: the parameters travel apart from the SQL
-    text (arrays in binary with ``%b``: psycopg packs the elements instead of
-    escaping each one as text, several times cheaper), and the repeated
-    statement gets prepared."""
-    with _cursor() as cursor:
-        cursor.execute(sql, params)
-        return list(cursor.fetchall()) if returns else []
-
-
-def _cursor() -> Any:
-    connection.ensure_connection()
-    with connection.wrap_database_errors:
-        raw_cursor = psycopg.Cursor(connection.connection)
-    return (
-        # django-stubs type these as taking a CursorWrapper; Django wraps a DB-API cursor
-        connection.make_debug_cursor(raw_cursor)  # type: ignore[arg-type]
-        if connection.queries_logged
-        else connection.make_cursor(raw_cursor)  # type: ignore[arg-type]
-    )
-
-
 # The rows of a statement already sent, read when called.
 Later = Callable[[], list[Any]]
 
 
 def _server_side_later(sql: str, params: list[Any]) -> Later:
-    """:func:`_server_side`, its rows read when the returned function is called: in
+    """:func:`sagaadmin.db.server_side`, its rows read when the returned function is called: in
     pipeline mode (:func:`pipelined_transaction`) statements sent this way one
     after the other wait for the server together, once."""
-    cursor = _cursor()
+    cursor = server_side_cursor()
     cursor.execute(sql, params)
 
     def rows() -> list[Any]:
@@ -353,7 +332,7 @@ def in_pipeline() -> bool:
 
 def fetch_later(sql: str, params: list[Any]) -> Later:
     """Rows of a PostgreSQL query with server-side binding (``%b`` for arrays), prepared
-    once it repeats (see :func:`_server_side`), read when the returned function is
+    once it repeats (see :mod:`sagaadmin.db`), read when the returned function is
     called."""
     return _server_side_later(sql, params)
 
@@ -508,7 +487,7 @@ def write_all(writes: Sequence[Write]) -> None:
                 append(w.model, w.columns, w.rows)
     if joined:
         sql = _ctes_sql(tuple((_write_shape(w), w.suffix) for w in together))
-        _server_side(sql, [_json_rows(w.rows) for w in together], returns=False)
+        server_side(sql, [_json_rows(w.rows) for w in together], returns=False)
 
 
 def _write_shape(w: Write) -> _Shape:
@@ -589,7 +568,7 @@ def update_rows(model: type[models.Model], columns: Sequence[str], rows: Sequenc
                 ],
             )
         return
-    _server_side(_update_sql(shape), _arrays(shape, rows), returns=False)
+    server_side(_update_sql(shape), _arrays(shape, rows), returns=False)
 
 
 @functools.cache

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 
 import outbox
 from outbox.api import OutsideTransaction
@@ -55,3 +55,17 @@ def test_ids_are_version_7_and_strictly_increasing() -> None:
     ids = [uuid7() for _ in range(5000)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert {i.version for i in ids} == {7}
+
+
+def test_publish_is_a_prepared_statement_on_postgresql(postgres) -> None:
+    # given DATABASE_PREPARE_THRESHOLD (5): Django's own cursors never prepare
+    # when one connection publishes more often than the threshold
+    with transaction.atomic():
+        for i in range(8):
+            outbox.publish(topic="t", key=f"k{i}", type="x", payload={"i": i})
+    # then the insert is prepared on it (parsed and planned once, not per message)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        statements = [row[0] for row in cursor.fetchall()]
+    assert any("INSERT INTO outbox_outboxmessage" in s for s in statements), statements
+    assert OutboxMessage.objects.filter(aggregatetype="t").count() == 8

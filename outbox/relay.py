@@ -174,6 +174,13 @@ class Relay:
                 cursor.execute(_CLAIM_SQLITE, {"now": now, "limit": self.cfg.batch_size})
                 return list(cursor.fetchall()), 0
         with connection.cursor() as cursor:
+            # Every message leaves the pending indexes when it is published, but its
+            # entry stays there, dead, until VACUUM: a busy outbox gathers tens of
+            # thousands between two autovacuums. A bitmap scan visits the heap for
+            # each of them on every claim (129,000 dead entries: 4.2 ms a claim); a
+            # plain index scan marks them dead once and skips them after (0.24 ms).
+            # The planner, counting few pending rows, prefers the bitmap scan.
+            cursor.execute("SET LOCAL enable_bitmapscan = off")
             cursor.execute(
                 _CLAIM_POSTGRES,
                 {"now": now, "limit": self.cfg.batch_size, "lock_space": _RELAY_LOCK_SPACE},

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 import outbox
 from outbox.models import OutboxMessage
-from outbox.relay import Relay, RelaySettings, backoff
+from outbox.relay import _CLAIM_POSTGRES, _RELAY_LOCK_SPACE, Relay, RelaySettings, backoff
 from outbox.transports.base import Outgoing
 from outbox.transports.inprocess import InProcessTransport, subscribe
 from tests.conftest import need
@@ -171,3 +171,37 @@ def test_a_failed_claim_loop_stops_the_others_and_its_error_is_raised(transactio
     thread.join(10)
     assert stopped, "run() went on after a loop failed"
     assert [str(e) for e in raised] == ["the transport broke"]
+
+
+def test_the_claim_skips_dead_index_entries_without_a_bitmap_scan(transactional_db) -> None:
+    need(connection.vendor == "postgresql", "the claim's plan is PostgreSQL's")
+    # given a pending index full of dead entries (published rows, not vacuumed yet),
+    # no statistics yet (a new or truncated table: the planner then prefers a bitmap
+    # scan), and a few new messages
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO outbox_outboxmessage (id, aggregatetype, aggregateid, type, version, "
+            "payload, headers, created_at, available_at, attempts, last_error, status) "
+            "SELECT gen_random_uuid(), 'orders', 'busy-' || (i % 1000), 'order.updated', 1, "
+            "'{}', '{}', now(), now(), 0, '', 'pending' FROM generate_series(1, 150000) i"
+        )
+        cursor.execute("UPDATE outbox_outboxmessage SET status = 'published', published_at = now()")
+    publish_many(5, key="fresh")
+    # when the relay claims (its statements, in its transaction)
+    relay = Relay(InProcessTransport(), FAST)
+    with transaction.atomic():
+        rows, _ = relay._claim_rows(timezone.now())
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "EXPLAIN " + _CLAIM_POSTGRES,
+                {"now": timezone.now(), "limit": 50, "lock_space": _RELAY_LOCK_SPACE},
+            )
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+    # then it found them with a plain index scan, which marks dead entries once and
+    # skips them after (a bitmap scan visits the heap for each, on every claim)
+    assert len(rows) == 5
+    assert "Index Scan" in plan and "Bitmap" not in plan, plan
+    # and the setting ended with the claim's transaction (pooled connections are shared)
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW enable_bitmapscan")
+        assert cursor.fetchone()[0] == "on"

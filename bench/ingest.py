@@ -12,7 +12,11 @@ recreated on every run) of the local PostgreSQL server:
   rows of the same shape:
   COPY rows/s in 500-row chunks (the ceiling for batch ingest) and single-row
   INSERT commits/s at the single-event concurrency (the ceiling for one event
-  per request), the way /work/shared/peers/pg_limits.py measures them;
+  per request), as /work/shared/peers/pg_limits.py measures them but with the
+  product phases' clients: several COPY connections, and 16 connections
+  committing side by side, where pg_limits.py commits on one connection (4,700-
+  5,300 commits/s there on the 2-core machines, 10,000-12,500 here, PostgreSQL
+  then flushing several commits' WAL at once: the stricter baseline);
 
 in rounds (default 3: batch, single-event, COPY, single-row commits, then
 again), and prints two ratios against the bars of the issue, each the median of

@@ -179,7 +179,7 @@ class Relay:
             # thousands between two autovacuums. A bitmap scan visits the heap for
             # each of them on every claim (129,000 dead entries: 4.2 ms a claim); a
             # plain index scan marks them dead once and skips them after (0.24 ms).
-            # The planner, counting few pending rows, prefers the bitmap scan.
+            # The planner prefers the bitmap scan on a table without statistics yet.
             cursor.execute("SET LOCAL enable_bitmapscan = off")
             cursor.execute(
                 _CLAIM_POSTGRES,

@@ -113,9 +113,10 @@ else:
     )
     # Django turns psycopg's statement preparation off (for transaction-mode
     # poolers). Its own queries bind client-side and are never prepared anyway;
-    # what this prepares are the bulk writes' server-side statements
-    # (tracking/bulk.py), run over and over with the same text, whose planning
-    # costs PostgreSQL more than running them on a handful of rows. Empty:
+    # what this prepares are the server-side statements of sagaadmin/db.py (the
+    # bulk writes of tracking/bulk.py, outbox.publish()), run over and over with
+    # the same text, whose planning costs PostgreSQL more than running them on
+    # a handful of rows. Empty:
     # off (behind a transaction-mode PgBouncer, unless it is 1.21+ with
     # max_prepared_statements > 0).
     _prepare = env.str("DATABASE_PREPARE_THRESHOLD", default="5")

@@ -36,6 +36,7 @@ from outbox import versions
 from outbox.api import NOTIFY_CHANNEL
 from outbox.models import OutboxMessage, Status
 from outbox.transports.base import Outgoing, Permanent, Skipped, Transport
+from sagaadmin.db import server_side
 from sagaadmin.telemetry import publish_span
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ WHERE o.seq = ANY(%(seqs)s)
       SELECT 1 FROM outbox_outboxmessage b
       WHERE b.status = 'pending' AND b.aggregatetype = o.aggregatetype
         AND b.aggregateid = o.aggregateid AND b.seq < o.seq AND b.available_at > %(now)s)
+"""
+_MARK_POSTGRES = """
+UPDATE outbox_outboxmessage SET status = 'published', published_at = %s, last_error = ''
+WHERE seq = ANY(%s)
 """
 _RELAY_LOCK_SPACE = 0x5A6A_0002  # two-int advisory keys: (this, hash of topic/key)
 # SQLite has one writer at a time (BEGIN IMMEDIATE): commit order is sequence order.
@@ -203,9 +208,12 @@ class Relay:
         out = BatchResult()
         published = [seq for seq, r in zip(seqs, results, strict=True) if r is None]
         if published:
-            OutboxMessage.objects.filter(seq__in=published).update(
-                status=Status.PUBLISHED, published_at=now, last_error=""
-            )
+            if connection.vendor == "postgresql":  # one array parameter, a prepared statement
+                server_side(_MARK_POSTGRES, [now, published], returns=False)
+            else:
+                OutboxMessage.objects.filter(seq__in=published).update(
+                    status=Status.PUBLISHED, published_at=now, last_error=""
+                )
             out.published = len(published)
         failed = {
             seq: r

@@ -193,8 +193,12 @@ class Relay:
             rows = list(cursor.fetchall())
             if not rows:
                 return rows, 0
-            cursor.execute(_HELD_BACK_POSTGRES, {"seqs": [row[0] for row in rows], "now": now})
-            held = {seq for (seq,) in cursor.fetchall()}
+        held = {
+            seq
+            for (seq,) in server_side(  # prepared: it runs on every claim that found rows
+                _HELD_BACK_POSTGRES, {"seqs": [row[0] for row in rows], "now": now}, returns=True
+            )
+        }
         # left locked and unchanged until this transaction ends; claimed again once due
         return ([row for row in rows if row[0] not in held] if held else rows), len(held)
 

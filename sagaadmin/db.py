@@ -11,6 +11,7 @@ statement that repeats gets prepared once per connection.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -32,7 +33,7 @@ def server_side_cursor() -> Any:
     )
 
 
-def server_side(sql: str, params: list[Any], *, returns: bool) -> list[Any]:
+def server_side(sql: str, params: Sequence[Any] | Mapping[str, Any], *, returns: bool) -> list[Any]:
     """Execute ``sql`` with server-side binding (PostgreSQL only); its rows if ``returns``."""
     with server_side_cursor() as cursor:
         cursor.execute(sql, params)

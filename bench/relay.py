@@ -485,11 +485,16 @@ def relay_drain(transport: Any, label: str) -> tuple[int, list[float]]:
         result = TimedRelay(transport).drain()
     finally:
         transport.close()
+    return all_published(result, label), times[:-1]  # the last claim found nothing
+
+
+def all_published(result: Any, label: str) -> int:
+    """How many messages a relay phase published; BenchError if any was not."""
     if result.retried or result.dead or result.skipped:
         raise BenchError(
             f"{label}: retried {result.retried}, dead {result.dead}, skipped {result.skipped}"
         )
-    return result.published, times[:-1]  # the last claim found nothing
+    return int(result.published)
 
 
 class RelayRun:
@@ -518,10 +523,7 @@ class RelayRun:
                 with lock:
                     if result.claimed:
                         times.append(time.perf_counter() - batch_began)
-                    totals.published += result.published
-                    totals.retried += result.retried
-                    totals.dead += result.dead
-                    totals.skipped += result.skipped
+                    totals.add(result)
                     if totals.published >= run.total and not stop.is_set():
                         run.done_after = time.perf_counter() - began
                         stop.set()
@@ -531,12 +533,7 @@ class RelayRun:
             TimedRelay(self.transport).run(stop)
         finally:
             self.transport.close()
-        if totals.retried or totals.dead or totals.skipped:
-            raise BenchError(
-                f"{self.label}: retried {totals.retried}, dead {totals.dead}, "
-                f"skipped {totals.skipped}"
-            )
-        return totals.published, times
+        return all_published(totals, self.label), times
 
 
 def outgoing_messages(messages: Sequence[Message]) -> list[Any]:

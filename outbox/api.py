@@ -88,7 +88,7 @@ def publish(
         # transaction ends) — the relay's wake-up (NOTIFY, delivered at commit,
         # once per transaction, not at all on rollback) and the row itself.
         # Server-side binding: the parameters travel apart from the SQL text and the
-        # statement is prepared once per connection (Django's own cursors bind on the
+        # statement gets prepared once it repeats (Django's own cursors bind on the
         # client, so PostgreSQL would parse and plan it again for every message).
         [(message.seq, message.created_at)] = server_side(
             PUBLISH_SQL,

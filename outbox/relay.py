@@ -127,6 +127,13 @@ class BatchResult:
     def claimed(self) -> int:
         return self.published + self.retried + self.dead + self.skipped
 
+    def add(self, other: BatchResult) -> None:
+        """Count ``other``'s messages in this total (not its ``held_back``)."""
+        self.published += other.published
+        self.retried += other.retried
+        self.dead += other.dead
+        self.skipped += other.skipped
+
 
 class Relay:
     def __init__(self, transport: Transport, cfg: RelaySettings | None = None) -> None:
@@ -262,10 +269,7 @@ class Relay:
         total = BatchResult()
         while True:
             result = self.run_once()
-            total.published += result.published
-            total.retried += result.retried
-            total.dead += result.dead
-            total.skipped += result.skipped
+            total.add(result)
             if result.claimed == 0 or result.published == 0:
                 return total
 
